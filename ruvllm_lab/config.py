@@ -1,0 +1,405 @@
+"""Typed configuration: one dataclass per component, TOML profiles, dotted overrides.
+
+A profile is a TOML file with one table per section (``[system]``, ``[embedding]``,
+``[memory]``, ``[router]``, ``[attention]``, ``[inference]``, ``[learning]``,
+``[compression]``, ``[server]``).  Every section is optional; missing keys keep the
+dataclass default.  Validation collects *every* problem before raising, so a
+researcher fixes a config in one pass::
+
+    cfg = Config.load("configs/edge.toml", overrides={"router.hidden_dim": 32})
+    cfg = Config.load("configs/edge.toml", overrides=["router.hidden_dim=32"])
+    cfg = Config.builder().db_path("./memory.db").models(["smollm2-135m"]).build()
+
+Field constraints live in the field metadata (``choices``, ``min``, ``max``) so the
+error message can say what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import tomli_w
+
+from .errors import ConfigError
+
+
+def _f(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+       choices: Iterable[Any] | None = None, min: float | None = None, max: float | None = None,
+       doc: str = "") -> Any:
+    """A dataclass field whose metadata carries its validation rule and doc."""
+    meta = {"choices": tuple(choices) if choices is not None else None, "min": min, "max": max, "doc": doc}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SystemConfig:
+    device_class: str = _f("edge", choices=("edge", "server", "gpu"))
+    max_memory_mb: int = _f(2048, min=64, doc="memory budget for loaded models (MB)")
+    max_concurrent_requests: int = _f(2, min=1)
+    data_dir: str = _f("data/runtime", doc="router weights, EWC state, replay buffer live here")
+    seed: int = _f(0, min=0)
+    log_level: str = _f("info", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass
+class EmbeddingConfig:
+    model: str = _f("all-minilm-l6-v2", choices=("all-minilm-l6-v2", "llm-encoder"),
+                    doc="sentence-transformers MiniLM, or mean-pooled hidden states of an LLM tier")
+    encoder_tier: str = _f("", doc="tier for model='llm-encoder' (default: smallest in inference.models)")
+    dimension: int = _f(384, min=8, max=8192)
+    batch_size: int = _f(1, min=1)
+    projection: str = _f("orthogonal", choices=("orthogonal", "pca"),
+                         doc="how a backend vector is mapped to `dimension` when sizes differ")
+    cache_size: int = _f(10_000, min=0)
+
+
+@dataclass
+class MemoryConfig:
+    db_path: str = _f("data/runtime/memory.db")
+    hnsw_m: int = _f(16, min=2, max=256)
+    hnsw_ef_construction: int = _f(100, min=1)
+    hnsw_ef_search: int = _f(32, min=1)
+    max_nodes: int = _f(100_000, min=1)
+    expansion_hops: int = _f(1, min=0, max=5)
+    expansion_max_nodes: int = _f(50, min=1)
+    similar_edges_k: int = _f(4, min=0, doc="'similar' edges added from a new node to its nearest neighbours")
+    similar_edge_min_score: float = _f(0.35, min=-1.0, max=1.0)
+    edge_learning_rate: float = _f(0.2, min=0.0, max=1.0)
+    edge_decay_per_day: float = _f(0.02, min=0.0, max=1.0)
+    edge_prune_below: float = _f(0.02, min=0.0, max=1.0)
+    writeback_batch_size: int = _f(64, min=1)
+    writeback_interval_ms: int = _f(200, min=1)
+
+
+@dataclass
+class RouterConfig:
+    kind: str = _f("fastgrnn", doc="name in the router registry (fastgrnn, random, always-small, ...)")
+    hidden_dim: int = _f(32, min=1, max=4096)
+    w_rank: int = _f(0, min=0, doc="0 = full rank")
+    u_rank: int = _f(0, min=0, doc="0 = full rank")
+    sparsity: float = _f(0.95, min=0.0, max=0.999, doc="fraction of zeros after hard thresholding")
+    confidence_threshold: float = _f(0.6, min=0.0, max=1.0)
+    fallback: str = _f("largest", choices=("largest", "smallest", "default"),
+                       doc="tier used when router confidence is below the threshold")
+    default_tier: str = _f("")
+    context_buckets: list = _f(default_factory=lambda: [0, 2, 4, 8], doc="memory items per context-size class")
+    learning_rate: float = _f(0.01, min=0.0)
+    epochs: int = _f(30, min=1)
+    batch_size: int = _f(32, min=1)
+    cost_weight: float = _f(0.1, min=0.0, doc="weight of expected tier cost in the routing loss")
+
+
+@dataclass
+class AttentionConfig:
+    heads: int = _f(4, min=1, max=64)
+    hidden_dim: int = _f(32, min=1)
+    concat_heads: bool = _f(True)
+    dropout: float = _f(0.0, min=0.0, max=0.9)
+    context_token_budget: int = _f(384, min=0)
+    learning_rate: float = _f(0.005, min=0.0)
+
+
+@dataclass
+class InferenceConfig:
+    models: list = _f(default_factory=lambda: ["smollm2-135m"], doc="tier names or paths to .gguf files, smallest first")
+    quantization: str = _f("q4_k", choices=("q4_0", "q4_1", "q4_k", "q5_k", "q8_0", "fp16", "bf16", "fp32"),
+                           doc="GGUF tiers ship their own quantization; the transformers backend uses fp16/bf16/fp32 as dtype")
+    max_context: int = _f(1024, min=64)
+    max_loaded_models: int = _f(1, min=1)
+    backend: str = _f("llama_cpp", choices=("llama_cpp", "transformers"))
+    n_threads: int = _f(0, min=0, doc="0 = all cores")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    use_vllm: bool = _f(False)
+    tensor_parallel: int = _f(1, min=1)
+    max_tokens: int = _f(128, min=1)
+    temperature: float = _f(0.7, min=0.0, max=2.0)
+    top_p: float = _f(0.9, min=0.0, max=1.0)
+    on_context_overflow: str = _f("truncate", choices=("truncate", "error"))
+    kv_cache_sessions: int = _f(8, min=0, doc="session prefix states kept per model (LRU)")
+
+
+@dataclass
+class LearningConfig:
+    enabled: bool = _f(True)
+    quality_threshold: float = _f(0.8, min=0.0, max=1.0)
+    replay_capacity: int = _f(1000, min=1)
+    replay_balance_by_tier: bool = _f(False)
+    replay_ratio: float = _f(0.5, min=0.0, max=1.0, doc="share of each training batch drawn from the replay buffer; 0 = naive fine-tuning")
+    training_interval_ms: int = _f(300_000, min=100)
+    min_examples: int = _f(16, min=1)
+    batch_size: int = _f(32, min=1)
+    steps_per_cycle: int = _f(50, min=1)
+    learning_rate: float = _f(0.01, min=0.0)
+    ewc_lambda: float = _f(100.0, min=0.0)
+    ewc_gamma: float = _f(0.9, min=0.0, max=1.0, doc="online EWC: F <- gamma * F_old + F_new")
+    judge_tier: str = _f("", doc="tier for LLM-as-judge; '' disables it")
+    judge_weights: dict = _f(default_factory=lambda: {"gold": 1.0, "feedback": 1.0, "llm": 0.5, "logprob": 0.25})
+
+
+@dataclass
+class CompressionConfig:
+    enabled: bool = _f(True)
+    interval_ms: int = _f(3_600_000, min=1000)
+    tier: str = _f("", doc="tier that writes summaries (default: smallest)")
+    method: str = _f("kmeans", choices=("kmeans", "gmm"))
+    k_selection: str = _f("silhouette", choices=("silhouette", "bic"))
+    k_min: int = _f(2, min=1)
+    k_max: int = _f(16, min=1)
+    min_cluster_size: int = _f(3, min=1)
+    max_depth: int = _f(2, min=1, max=8)
+    archive_members: bool = _f(False)
+    summary_max_tokens: int = _f(48, min=4)
+
+
+@dataclass
+class ServerConfig:
+    host: str = _f("127.0.0.1")
+    port: int = _f(8080, min=0, max=65535)
+    api_keys_env: str = _f("RUVLLM_API_KEYS")
+    rate_limit_per_minute: int = _f(120, min=0, doc="per API key (or client address); 0 = unlimited")
+    max_body_bytes: int = _f(65_536, min=256)
+    max_query_chars: int = _f(8_000, min=1)
+    tls_certfile: str = _f("")
+    tls_keyfile: str = _f("")
+
+
+SECTIONS: dict[str, type] = {
+    "system": SystemConfig,
+    "embedding": EmbeddingConfig,
+    "memory": MemoryConfig,
+    "router": RouterConfig,
+    "attention": AttentionConfig,
+    "inference": InferenceConfig,
+    "learning": LearningConfig,
+    "compression": CompressionConfig,
+    "server": ServerConfig,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(section: str, f: dataclasses.Field, value: Any, tp: Any) -> tuple[Any, str | None]:
+    """Coerce `value` to the field's type; return (value, problem-or-None)."""
+    key = f"{section}.{f.name}"
+    if tp is bool:
+        if not isinstance(value, bool):
+            return value, f"{key} = {value!r}: expected true or false"
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value, f"{key} = {value!r}: expected an integer"
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{key} = {value!r}: expected a number"
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            return value, f"{key} = {value!r}: expected a string"
+    elif tp is list:
+        if not isinstance(value, list):
+            return value, f"{key} = {value!r}: expected a list"
+    elif tp is dict:
+        if not isinstance(value, dict):
+            return value, f"{key} = {value!r}: expected a table"
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        return value, f"{key} = {value!r}: allowed values are {', '.join(map(repr, meta['choices']))}"
+    if meta.get("min") is not None and value < meta["min"]:
+        return value, f"{key} = {value!r}: must be >= {meta['min']}"
+    if meta.get("max") is not None and value > meta["max"]:
+        return value, f"{key} = {value!r}: must be <= {meta['max']}"
+    return value, None
+
+
+def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
+    if not isinstance(raw, Mapping):
+        problems.append(f"[{name}] must be a table, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            problems.append(f"unknown key {name}.{key}; known keys of [{name}]: {', '.join(fields)}")
+            continue
+        value, problem = _check_value(name, fields[key], value, hints[key])
+        if problem:
+            problems.append(problem)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _parse_override_value(text: str) -> Any:
+    """`32` -> 32, `0.5` -> 0.5, `true` -> True, `["a","b"]` -> list; anything else stays a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+@dataclass
+class Config:
+    system: SystemConfig = field(default_factory=SystemConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], overrides: Mapping[str, Any] | Iterable[str] | None = None) -> "Config":
+        """Build and validate; raises ConfigError listing every problem."""
+        problems: list[str] = []
+        data: dict[str, dict] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+        for dotted, value in _normalise_overrides(overrides, problems):
+            section, _, key = dotted.partition(".")
+            if not key:
+                problems.append(f"override {dotted!r}: expected section.key=value")
+                continue
+            data.setdefault(section, {})
+            if isinstance(data[section], dict):
+                data[section][key] = value
+        sections = {}
+        for name, section_raw in data.items():
+            if name not in SECTIONS:
+                problems.append(f"unknown section [{name}]; known sections: {', '.join(SECTIONS)}")
+                continue
+            sections[name] = _build_section(name, SECTIONS[name], section_raw, problems)
+        cfg = cls(**sections)
+        problems.extend(cfg._cross_checks())
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: Mapping[str, Any] | Iterable[str] | None = None) -> "Config":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError([f"config file not found: {path}"]) from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError([f"{path}: invalid TOML: {e}"]) from None
+        return cls.from_dict(raw, overrides)
+
+    @classmethod
+    def builder(cls) -> "ConfigBuilder":
+        return ConfigBuilder()
+
+    def _cross_checks(self) -> list[str]:
+        problems = []
+        if not self.inference.models:
+            problems.append("inference.models is empty: name at least one tier")
+        if self.compression.k_min > self.compression.k_max:
+            problems.append(f"compression.k_min ({self.compression.k_min}) > compression.k_max ({self.compression.k_max})")
+        if self.inference.max_loaded_models > max(1, len(self.inference.models)):
+            pass  # allowed: a budget larger than the ladder simply never evicts
+        for key in ("gold", "feedback", "llm", "logprob"):
+            w = self.learning.judge_weights.get(key, 0.0)
+            if not isinstance(w, (int, float)) or w < 0:
+                problems.append(f"learning.judge_weights.{key} = {w!r}: must be a number >= 0")
+        unknown = set(self.learning.judge_weights) - {"gold", "feedback", "llm", "logprob"}
+        if unknown:
+            problems.append(f"unknown key(s) learning.judge_weights.{', '.join(sorted(unknown))}; known: gold, feedback, llm, logprob")
+        if sorted(self.router.context_buckets) != list(self.router.context_buckets) or any(
+                not isinstance(b, int) or b < 0 for b in self.router.context_buckets):
+            problems.append(f"router.context_buckets = {self.router.context_buckets!r}: must be ascending integers >= 0")
+        return problems
+
+    # ---- views -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """`{"router.hidden_dim": 32, ...}`: what MLflow logs as params."""
+        flat = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value
+        return flat
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_toml())
+        return path
+
+    def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str]) -> "Config":
+        return Config.from_dict(self.to_dict(), overrides)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.system.data_dir)
+
+
+def _normalise_overrides(overrides: Mapping[str, Any] | Iterable[str] | None, problems: list[str]):
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        key, _, value = item.partition("=")
+        pairs.append((key.strip(), _parse_override_value(value.strip())))
+    return pairs
+
+
+class ConfigBuilder:
+    """The seed's builder: each method is a field name, unique across sections.
+
+    ``Config.builder().db_path("./memory.db").models(["smollm2-135m"]).hidden_dim(16).build()``
+    A name used by two sections (e.g. ``hidden_dim``) can be qualified: ``.set("router.hidden_dim", 16)``.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+        owners: dict[str, list[str]] = {}
+        for section, cls in SECTIONS.items():
+            for f in dataclasses.fields(cls):
+                owners.setdefault(f.name, []).append(section)
+        self._owners = owners
+
+    def set(self, dotted: str, value: Any) -> "ConfigBuilder":
+        self._values[dotted] = value
+        return self
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        sections = self._owners.get(name)
+        if not sections:
+            raise ConfigError([f"builder: no config field named {name!r}"])
+        if len(sections) > 1:
+            raise ConfigError([f"builder: {name!r} exists in {', '.join(sections)}; use .set('<section>.{name}', value)"])
+        return lambda value: self.set(f"{sections[0]}.{name}", value)
+
+    def build(self) -> Config:
+        return Config.from_dict({}, self._values)
+
+
+# Learned state kept in `system.data_dir` (the seed's runbook backs these up beside the memory store).
+STATE_FILES: dict[str, str] = {
+    "router_weights": "router_weights.pt",
+    "attention_weights": "attention_weights.pt",
+    "ewc_state": "ewc_state.pt",
+    "replay_buffer": "replay_buffer.pt",
+}

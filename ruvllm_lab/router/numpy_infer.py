@@ -1,0 +1,71 @@
+"""Plain-numpy inference for a trained FastGRNNRouter (batch 1, no torch dispatch overhead).
+
+Same equations as ``FastGRNNCell.forward`` and ``FastGRNNRouter.forward``; the weights are a
+float32 snapshot taken by ``from_model``.  Matrices are stored pre-transposed so each
+product is a single row-vector × matrix call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .model import TEMPERATURE_MAX, FastGRNNRouter
+
+
+@dataclass
+class NumpyStep:
+    h: np.ndarray  # (H,) new hidden state
+    tier_probs: np.ndarray  # (T,)
+    context_index: int
+    temperature: float
+    top_p: float
+    confidence: float
+
+
+def _sigmoid(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+class NumpyFastGRNN:
+    def __init__(self, arrays: dict[str, np.ndarray], n_tiers: int, n_buckets: int) -> None:
+        a = arrays
+        self.w_factors = [a["cell.W"].T.copy()] if "cell.W" in a else [a["cell.W1"].T.copy(), a["cell.W2"].T.copy()]
+        self.u_factors = [a["cell.U"].T.copy()] if "cell.U" in a else [a["cell.U1"].T.copy(), a["cell.U2"].T.copy()]
+        self.bias_gate = a["cell.bias_gate"].reshape(-1)
+        self.bias_update = a["cell.bias_update"].reshape(-1)
+        self.sig_zeta = float(_sigmoid(a["cell.zeta"].reshape(())))
+        self.sig_nu = float(_sigmoid(a["cell.nu"].reshape(())))
+        self.head_w = a["head.weight"].T.copy()  # (H, T + C + 3)
+        self.head_b = a["head.bias"]
+        self.n_tiers, self.n_buckets = n_tiers, n_buckets
+
+    @classmethod
+    def from_model(cls, model: FastGRNNRouter) -> "NumpyFastGRNN":
+        arrays = {k: v.detach().cpu().to(torch.float32).numpy().copy() for k, v in model.state_dict().items()}
+        return cls(arrays, len(model.tiers), len(model.context_buckets))
+
+    def cell(self, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """x (F,) or (B, F), h (H,) or (B, H) -> h'."""
+        wx = x
+        for m in self.w_factors:
+            wx = wx @ m
+        uh = h
+        for m in self.u_factors:
+            uh = uh @ m
+        pre = wx + uh
+        z = _sigmoid(pre + self.bias_gate)
+        h_tilde = np.tanh(pre + self.bias_update)
+        return z * h + (self.sig_zeta * (1.0 - z) + self.sig_nu) * h_tilde
+
+    def step(self, x: np.ndarray, h: np.ndarray) -> NumpyStep:
+        """One routing decision: x (F,), h (H,)."""
+        h_new = self.cell(x, h).astype(np.float32)
+        out = h_new @ self.head_w + self.head_b
+        t, c = self.n_tiers, self.n_buckets
+        logits = out[:t]
+        e = np.exp(logits - logits.max())
+        return NumpyStep(h=h_new, tier_probs=e / e.sum(), context_index=int(np.argmax(out[t:t + c])),
+                         temperature=float(TEMPERATURE_MAX * _sigmoid(out[t + c])),
+                         top_p=float(_sigmoid(out[t + c + 1])), confidence=float(_sigmoid(out[t + c + 2])))
