@@ -166,6 +166,7 @@ class ServerConfig:
     rate_limit_per_minute: int = _f(120, min=0, doc="per API key (or client address); 0 = unlimited")
     max_body_bytes: int = _f(65_536, min=256)
     max_query_chars: int = _f(8_000, min=1)
+    max_tokens_limit: int = _f(1024, min=1, doc="largest constraints.max_tokens a client may ask for")
     tls_certfile: str = _f("")
     tls_keyfile: str = _f("")
 

@@ -77,10 +77,28 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     return out
 
 
+_MINILM_MODELS: dict[str | None, Any] = {}  # device -> SentenceTransformer: one copy per process
+_MINILM_LOCK = threading.Lock()
+
+
+def _load_minilm(device: str | None) -> Any:
+    with _MINILM_LOCK:
+        if device not in _MINILM_MODELS:
+            _MINILM_MODELS[device] = _MiniLMBackend._load(device)
+        return _MINILM_MODELS[device]
+
+
 class _MiniLMBackend:
-    """sentence-transformers all-MiniLM-L6-v2 from the offline PyPI package."""
+    """sentence-transformers all-MiniLM-L6-v2 from the offline PyPI package (shared per process;
+    its forward pass is guarded by a lock, since services in several threads may share it)."""
 
     def __init__(self, device: str | None = None):
+        self.model = _load_minilm(device)
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.native_dimension = int(dim())
+
+    @staticmethod
+    def _load(device: str | None) -> Any:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
@@ -91,15 +109,15 @@ class _MiniLMBackend:
         from sentence_transformers import SentenceTransformer
         path = str(get_model_path())
         try:
-            self.model = SentenceTransformer(path, device=device)
+            return SentenceTransformer(path, device=device)
         except Exception as e:  # corrupt or partial files
             raise ModelLoadError(f"cannot load all-MiniLM-L6-v2 from {path}: {e}") from e
-        self.native_dimension = int(self.model.get_sentence_embedding_dimension())
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        # (n, 384); normalise later, after projection
-        return np.asarray(self.model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
-                                            show_progress_bar=False), np.float32)
+        # (n, 384); normalised later, after projection
+        with _MINILM_LOCK:
+            return np.asarray(self.model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
+                                                show_progress_bar=False), np.float32)
 
     def count_tokens(self, text: str) -> int:
         return len(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])

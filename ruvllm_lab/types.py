@@ -75,6 +75,7 @@ class Turn:
     query: str
     answer: str
     request_id: str
+    prompt: str = ""  # the user message as sent (with memory notes); replayed verbatim so the KV prefix matches
 
 
 @dataclass

@@ -310,7 +310,7 @@ class Phase:
         return f"phase{self.index}:" + "+".join(f for f, w in self.mix.items() if w > 0)
 
 
-DEFAULT_PHASES = ({"arithmetic": 1.0}, {"factual": 1.0}, {"string": 0.5, "date": 0.5})
+DEFAULT_PHASES = ({"arithmetic": 1.0, "units": 0.5}, {"string": 1.0}, {"factual": 1.0, "date": 0.25})
 
 
 def shift_schedule(phases: Sequence[Mapping[str, float]] = DEFAULT_PHASES, n_per_phase: int = 100, seed: int = 0,

@@ -15,6 +15,7 @@ final hidden states (`embed`): the seed's "LFM2 encoder wrapper".
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -66,7 +67,19 @@ def convert_gguf(tier: str, path: Path, target: Path) -> Path:
     log.info("converting %s to a transformers checkpoint (once; ~1 min)", path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        extra = {}
+        try:  # newer transformers can keep GGUF blocks packed; we want a plain dense checkpoint
+            from transformers import GgufConfig
+            extra["quantization_config"] = GgufConfig(gguf_file=str(path), dequantize=True)
+        except ImportError:
+            pass
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **extra)
+        # the weights are dense now: save them as an ordinary checkpoint, not as "gguf-quantized"
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
     except Exception as e:
         raise ModelLoadError(f"tier {tier!r}: transformers could not read {path} ({type(e).__name__}: {e}); "
                              f"the file is truncated, corrupt, or of an architecture transformers cannot convert") from e
@@ -121,6 +134,9 @@ class TransformersBackend(Backend):
             raise ModelLoadError(f"tier {tier!r}: cannot load the converted checkpoint {cache} ({e}); delete it to reconvert") from e
         self.model.to(self.device).eval()
         self._torch = torch
+        # transformers renamed `past_key_values` to `cache` (5.x); speak whichever this version knows
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._rng = np.random.default_rng(seed)
         self.template = self._chat_template()
         self._eog = self._end_token_ids()
@@ -158,8 +174,9 @@ class TransformersBackend(Backend):
         torch = self._torch
         ids = torch.tensor([token_ids], device=self.device)
         with torch.inference_mode():
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        return out.logits[0, -1].float().cpu().numpy(), out.past_key_values
+            out = self.model(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache})
+        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[0, -1].float().cpu().numpy(), new_cache
 
     def run(self, request: GenerationRequest) -> GenerationLoop:
         from transformers import DynamicCache
@@ -183,7 +200,9 @@ class TransformersBackend(Backend):
             if sid is not None and sid in self._sessions:
                 seen, cache = self._sessions.pop(sid)
                 reuse = min(common_prefix_len(seen, tokens), len(tokens) - 1)
-                cache.crop(reuse)
+                surplus = cache.get_seq_length() - reuse
+                if surplus > 0:
+                    cache.crop(-surplus)  # drop the cached tokens past the shared prefix
             logits, cache = self._forward(tokens[reuse:], cache)
             evaluated = len(tokens) - reuse
             emitted = b""

@@ -196,8 +196,9 @@ class EWCState:
         return bool(self.fisher) and self.lam > 0
 
     def consolidate(self, model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
-                    per_sample: bool = True) -> dict[str, torch.Tensor]:
-        f_new = fisher_diag(model, batches, loss_fn, per_sample=per_sample)
+                    per_sample: bool = True, method: str = "auto") -> dict[str, torch.Tensor]:
+        """Estimate F_new at the model's current weights, fold it in, move the anchor; returns F_new."""
+        f_new = fisher_diag(model, batches, loss_fn, per_sample=per_sample, method=method)
         if self.fisher and set(self.fisher) != set(f_new):
             raise DimensionMismatch("EWC: the model's parameters differ from the ones the Fisher was built on")
         self.fisher = {n: (self.gamma * self.fisher[n] + f if self.fisher else f) for n, f in f_new.items()}

@@ -250,6 +250,12 @@ class MemoryService:
         with self._lock:
             self.store.mark_used(list(node_ids), time.time())
 
+    def set_quality(self, updates: Sequence[tuple[int, float]]) -> None:
+        """Overwrite node quality (e.g. a user's rating of the answer an interaction node holds)."""
+        self._ensure_open()
+        with self._lock:
+            self.store.update_quality([(int(i), min(1.0, max(0.0, float(q)))) for i, q in updates])
+
     def reinforce(self, node_ids: Sequence[int], reward: float) -> int:
         """Apply the edge learning rule (module docstring) to the edges among `node_ids` and to
         their nodes' quality; returns the number of edges updated (pruned ones excluded)."""

@@ -161,3 +161,15 @@ class VectorIndex:
             return None
         inner.hnsw.efSearch = ef_search
         return cls(dimension, m, ef_construction, ef_search, _index=index)
+
+
+def clustered_unit_vectors(n: int, dimension: int, clusters: int = 100, spread: float = 1.0,
+                           seed: int = 0) -> np.ndarray:
+    """(n, dimension) float32 unit vectors around `clusters` random unit centres (synthetic memory
+    for recall tests and benchmarks): centre + noise of expected norm `spread`, then normalised."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dimension)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = rng.integers(0, clusters, n)
+    x = centres[labels] + spread * rng.standard_normal((n, dimension)).astype(np.float32) / np.sqrt(dimension)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)

@@ -14,6 +14,7 @@ otherwise the rank (i+1)/T, because user GGUF files have no trustworthy cost.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -70,6 +71,7 @@ class FastGRNNRouter(nn.Module):
         with torch.no_grad():  # start at the inference defaults, so an untrained router samples sanely
             self.head.bias[n_t + n_c] = _logit(DEFAULT_TEMPERATURE / TEMPERATURE_MAX)
             self.head.bias[n_t + n_c + 1] = _logit(DEFAULT_TOP_P)
+            self.head.bias[n_t + n_c - 1] += 2.0  # and with the largest context bucket until taught otherwise
         self.register_buffer("tier_costs", tier_costs(self.tiers))
         self._splits = (n_t, n_c, 1, 1, 1)
 
@@ -112,7 +114,19 @@ class FastGRNNPolicy(Router):
         self.masks: dict[str, torch.Tensor] = {}  # frozen sparsity support after phase 3 (empty = dense)
         self.trained = False
         self._numpy = None
-        self._numpy_key = None
+        self._numpy_key: tuple = ()
+        self._params_of: nn.Module | None = None
+        self._params: list[torch.Tensor] = []
+
+    def __deepcopy__(self, memo: dict) -> "FastGRNNPolicy":
+        # A deep copy's tensors restart at version 0, so the weight snapshot could look current
+        # when it is not: the copy starts without one.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        skip = {"_numpy", "_numpy_key", "_params_of", "_params"}
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip})
+        new._numpy, new._numpy_key, new._params_of, new._params = None, (), None, []
+        return new
 
     # ---- inference ------------------------------------------------------------------------------
     def initial_state(self) -> np.ndarray:
@@ -120,7 +134,9 @@ class FastGRNNPolicy(Router):
 
     def _numpy_model(self):
         from .numpy_infer import NumpyFastGRNN
-        key = tuple((id(p), p._version) for p in self.model.parameters())  # bumps on every in-place update
+        if self._params_of is not self.model:  # fit() or a caller may replace the module
+            self._params_of, self._params, self._numpy = self.model, list(self.model.parameters()), None
+        key = tuple(p._version for p in self._params)  # a tensor's version bumps on every in-place update
         if self._numpy is None or key != self._numpy_key:
             self._numpy = NumpyFastGRNN.from_model(self.model)
             self._numpy_key = key

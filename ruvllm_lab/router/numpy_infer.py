@@ -6,6 +6,7 @@ product is a single row-vector × matrix call.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,10 +63,14 @@ class NumpyFastGRNN:
     def step(self, x: np.ndarray, h: np.ndarray) -> NumpyStep:
         """One routing decision: x (F,), h (H,)."""
         h_new = self.cell(x, h).astype(np.float32)
-        out = h_new @ self.head_w + self.head_b
+        out = (h_new @ self.head_w + self.head_b).tolist()  # T + C + 3 floats: plain math beats tiny ufuncs
         t, c = self.n_tiers, self.n_buckets
         logits = out[:t]
-        e = np.exp(logits - logits.max())
-        return NumpyStep(h=h_new, tier_probs=e / e.sum(), context_index=int(np.argmax(out[t:t + c])),
-                         temperature=float(TEMPERATURE_MAX * _sigmoid(out[t + c])),
-                         top_p=float(_sigmoid(out[t + c + 1])), confidence=float(_sigmoid(out[t + c + 2])))
+        top = max(logits)
+        e = [math.exp(v - top) for v in logits]
+        total = sum(e)
+        ctx = out[t:t + c]
+        return NumpyStep(h=h_new, tier_probs=np.array([v / total for v in e]), context_index=ctx.index(max(ctx)),
+                         temperature=TEMPERATURE_MAX / (1.0 + math.exp(-out[t + c])),
+                         top_p=1.0 / (1.0 + math.exp(-out[t + c + 1])),
+                         confidence=1.0 / (1.0 + math.exp(-out[t + c + 2])))

@@ -1,0 +1,49 @@
+"""Map the package's errors to HTTP answers with a reason (never a bare 500 for bad input)."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from ..errors import (ContextOverflow, DeadlineExceeded, ModelNotFound, Overloaded, RequestNotFound, RuvLLMError,
+                      SessionNotFound)
+
+log = logging.getLogger("ruvllm_lab.server")
+
+RETRY_AFTER_S = "1"
+
+# (status, error name); the first matching class wins
+STATUS = [
+    (Overloaded, 503, "overloaded"),
+    (RequestNotFound, 404, "request_not_found"),
+    (SessionNotFound, 404, "session_not_found"),
+    (ModelNotFound, 422, "model_not_found"),
+    (ContextOverflow, 413, "context_overflow"),
+    (DeadlineExceeded, 504, "deadline_exceeded"),
+]
+
+
+def error_response(status: int, error: str, detail, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        return error_response(422, "invalid_request", detail)
+
+    @app.exception_handler(RuvLLMError)
+    async def _ruvllm(request: Request, exc: RuvLLMError):
+        for cls, status, name in STATUS:
+            if isinstance(exc, cls):
+                headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+                return error_response(status, name, str(exc), headers)
+        log.exception("unhandled pipeline error")
+        return error_response(500, "internal_error", str(exc))
+
+    @app.exception_handler(ValueError)
+    async def _value(request: Request, exc: ValueError):
+        return error_response(422, "invalid_request", str(exc))

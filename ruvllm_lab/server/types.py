@@ -1,0 +1,88 @@
+"""HTTP request/response schemas (the seed's §6.1 OpenAPI, made strict)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ID_CHARS = 128
+MAX_CORRECTION_CHARS = 4_000
+
+
+class ConstraintsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_latency_ms: int | None = Field(None, ge=1, le=600_000)
+    max_tokens: int | None = Field(None, ge=1, le=4_096)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    model: str | None = Field(None, min_length=1, max_length=256, description="force a tier")
+
+
+class QueryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(..., min_length=1, description="The user query")
+    session_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS, description="Optional session for multi-turn")
+    constraints: ConstraintsIn = Field(default_factory=ConstraintsIn)
+    stream: bool = Field(False, description="answer with Server-Sent Events")
+
+
+class SourceOut(BaseModel):
+    node_id: int
+    text: str
+    score: float
+    kind: str
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_tokens_evaluated: int
+
+
+class QueryOut(BaseModel):
+    text: str
+    confidence: float
+    request_id: str
+    sources: list[SourceOut]
+    routing_info: dict[str, Any]
+    latency_ms: dict[str, float]
+    usage: UsageOut
+    session_id: str | None = None
+    finish_reason: str
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(..., min_length=1, max_length=MAX_ID_CHARS)
+    rating: int | None = Field(None, ge=1, le=5)
+    correction: str | None = Field(None, min_length=1, max_length=MAX_CORRECTION_CHARS)
+
+
+class FeedbackOut(BaseModel):
+    request_id: str
+    recorded: bool
+    score: float | None = None
+    correction_node: int | None = None
+
+
+class SessionOut(BaseModel):
+    session_id: str
+
+
+class ComponentOut(BaseModel):
+    healthy: bool
+    latency_ms: float | None = None
+    error: str | None = None
+    details: dict[str, Any] = {}
+
+
+class HealthOut(BaseModel):
+    overall: Literal["healthy", "degraded", "critical"]
+    memory: ComponentOut
+    router: ComponentOut
+    inference: ComponentOut
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: Any = None

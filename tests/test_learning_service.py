@@ -1,0 +1,252 @@
+"""LearningService: labels, cycles, replay + EWC vs naive forgetting, atomic swap, persistence,
+memory reinforcement and attention training with the real memory store."""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from ruvllm_lab.config import STATE_FILES, Config
+from ruvllm_lab.errors import RequestNotFound
+from ruvllm_lab.learning.metrics import AccuracyMatrix, average_forgetting
+from ruvllm_lab.learning.service import Interaction, LearningService, label_from_scores
+from ruvllm_lab.router import RouterInput, make_router
+
+D = 16
+TIERS = ["smollm2-135m", "qwen2.5-coder-0.5b"]
+SMALL_OK = {TIERS[0]: 0.9, TIERS[1]: 0.95}  # the small tier is good enough -> label small
+NEEDS_LARGE = {TIERS[0]: 0.2, TIERS[1]: 0.9}  # only the large tier is good -> label large
+
+
+def _config(tmp_path, **overrides) -> Config:
+    base = {"inference.models": TIERS, "system.data_dir": str(tmp_path / "state"), "router.hidden_dim": 16,
+            "learning.min_examples": 8, "learning.steps_per_cycle": 50, "learning.learning_rate": 0.01,
+            "learning.ewc_lambda": 100.0, "learning.replay_ratio": 0.5, "memory.db_path": str(tmp_path / "m.db")}
+    base.update(overrides)
+    return Config.from_dict({}, base)
+
+
+def _x(vec) -> RouterInput:
+    return RouterInput(np.asarray(vec, np.float32), 10, 0.0, 0, 0.0, 0, {}, None, None)
+
+
+def phase_data(phase: int, n: int, rng: np.random.Generator):
+    """Two clusters per phase (dims 0/1 pick the cluster, dim 2+phase marks the phase).
+
+    Phase 1 flips phase 0's cluster -> tier mapping, so a router that ignores the phase
+    marker and follows only the newest data forgets phase 0 completely."""
+    out = []
+    for i in range(n):
+        c = i % 2
+        v = rng.normal(0, 0.3, D).astype(np.float32)
+        v[c] += 2.0
+        v[2 + phase] += 2.0
+        label = c if phase == 0 else 1 - c
+        out.append((_x(v), label, dict(SMALL_OK if label == 0 else NEEDS_LARGE)))
+    return out
+
+
+def _accuracy(router, data) -> float:
+    return float(np.mean([router.route(x).tier_probs[TIERS[label]] > 0.5 for x, label, _ in data]))
+
+
+def _two_phase_forgetting(tmp_path, seed=0, cycles=4, **overrides):
+    cfg = _config(tmp_path, **{"system.seed": seed, **overrides})
+    svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D, seed=seed), resume=False)
+    rng = np.random.default_rng(seed)
+    train = [phase_data(p, 32 * cycles, rng) for p in range(2)]
+    test = [phase_data(p, 200, rng) for p in range(2)]
+    acc = AccuracyMatrix(n_phases=2)
+    for p in range(2):
+        for c in range(cycles):
+            for j, (x, _, scores) in enumerate(train[p][c * 32:(c + 1) * 32]):
+                svc.record(Interaction(f"p{p}-c{c}-{j}", x, tier_scores=scores))
+            report = svc.learn()
+            assert report["swapped"], report
+        for q in range(2):
+            acc.record(p, q, _accuracy(svc.router, test[q]))
+    return acc, svc
+
+
+# ---- unit ---------------------------------------------------------------------------------------------
+def test_label_is_cheapest_tier_meeting_threshold_else_best():
+    tiers = ["s", "m", "l"]
+    assert label_from_scores({"s": 0.85, "m": 0.9, "l": 0.99}, tiers, 0.8) == "s"
+    assert label_from_scores({"s": 0.5, "m": 0.8, "l": 0.99}, tiers, 0.8) == "m"
+    assert label_from_scores({"s": 0.5, "m": 0.6, "l": 0.4}, tiers, 0.8) == "m"
+    assert label_from_scores({"l": 0.3}, tiers, 0.8) == "l"
+    assert label_from_scores({}, tiers, 0.8) is None
+
+
+def test_example_imitates_sampling_settings_of_good_answers_only(tmp_path):
+    cfg = _config(tmp_path)
+    router = make_router("fastgrnn", TIERS, cfg.router, D)
+    svc = LearningService(cfg, router, resume=False)
+    x = _x(np.ones(D))
+    decision = router.route(x)
+    good = svc.example_of(Interaction("a", x, decision, {decision.tier: 0.95}))
+    bad = svc.example_of(Interaction("b", x, decision, {decision.tier: 0.1}))
+    assert good.best_tier == decision.tier and good.temperature == pytest.approx(decision.temperature)
+    assert good.context_items == decision.context_items
+    assert bad.temperature is None and bad.context_items is None
+    assert svc.example_of(Interaction("c", x, decision)) is None
+
+
+def test_record_validates_scores_and_late_feedback(tmp_path):
+    svc = LearningService(_config(tmp_path), make_router("fastgrnn", TIERS, _config(tmp_path).router, D),
+                          resume=False)
+    with pytest.raises(ValueError, match="unknown tier"):
+        svc.record(Interaction("a", _x(np.zeros(D)), tier_scores={"gpt-99": 1.0}))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        svc.record(Interaction("a", _x(np.zeros(D)), tier_scores={TIERS[0]: 1.5}))
+    svc.record(Interaction("b", _x(np.zeros(D))))
+    assert svc.example_of(svc._recent["b"]) is None
+    svc.add_score("b", TIERS[1], 0.9)
+    assert svc.pending == 1
+    assert svc.example_of(svc._recent["b"]).best_tier == TIERS[1]
+    assert svc.tier_quality() == {TIERS[1]: pytest.approx(0.9)}
+    with pytest.raises(RequestNotFound):
+        svc.add_score("nope", TIERS[0], 0.5)
+
+
+def test_learn_waits_for_min_examples_then_trains(tmp_path):
+    cfg = _config(tmp_path, **{"learning.min_examples": 10})
+    svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D), resume=False)
+    rng = np.random.default_rng(0)
+    data = phase_data(0, 12, rng)
+    for j, (x, _, s) in enumerate(data[:6]):
+        svc.record(Interaction(f"a{j}", x, tier_scores=s))
+    first = svc.learn()
+    assert not first["trained"] and "min_examples" in first["reason"] and first["new_examples"] == 6
+    for j, (x, _, s) in enumerate(data[6:]):
+        svc.record(Interaction(f"b{j}", x, tier_scores=s))
+    second = svc.learn()
+    assert second["trained"] and second["swapped"] and second["fresh_examples"] == 12
+    assert second["loss_last"] < second["loss_first"]
+    assert svc.updates == cfg.learning.steps_per_cycle and len(svc.replay) == 12
+    assert svc.ewc.consolidations == 1 and second["fisher_mean"] > 0
+
+
+def test_failing_step_keeps_old_router_and_drops_the_poisoned_cycle(tmp_path, caplog):
+    cfg = _config(tmp_path)
+    svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D), resume=False)
+    old = svc.router
+    probe = _x(np.ones(D))
+    before = old.route(probe).tier_probs
+    for j in range(8):
+        svc.record(Interaction(f"n{j}", _x(np.full(D, np.nan)), tier_scores=dict(SMALL_OK)))
+    report = svc.learn()
+    assert not report["swapped"] and "non-finite" in report["error"] and report["dropped_examples"] == 8
+    assert svc.router is old and old.route(probe).tier_probs == before
+    assert "keeps its weights" in caplog.text
+    assert len(svc.replay) == 0 and not svc.ewc.active
+    # the next healthy cycle trains normally
+    for j, (x, _, s) in enumerate(phase_data(0, 8, np.random.default_rng(1))):
+        svc.record(Interaction(f"g{j}", x, tier_scores=s))
+    assert svc.learn()["swapped"] and svc.router is not old
+
+
+def test_non_torch_router_learns_by_partial_fit(tmp_path):
+    cfg = _config(tmp_path)
+    svc = LearningService(cfg, make_router("knn", TIERS, cfg.router, D), resume=False)
+    data = phase_data(0, 16, np.random.default_rng(0))
+    for j, (x, _, s) in enumerate(data):
+        svc.record(Interaction(f"k{j}", x, tier_scores=s))
+    report = svc.learn()
+    assert report["swapped"] and report["steps"] == 1
+    assert _accuracy(svc.router, phase_data(0, 50, np.random.default_rng(5))) > 0.9
+
+
+# ---- integration ----------------------------------------------------------------------------------------
+def test_ewc_and_replay_forget_less_than_naive_fine_tuning(tmp_path):
+    naive, _ = _two_phase_forgetting(tmp_path / "naive", **{"learning.ewc_lambda": 0.0, "learning.replay_ratio": 0.0})
+    ewc_only, _ = _two_phase_forgetting(tmp_path / "ewc", **{"learning.replay_ratio": 0.0})
+    both, svc = _two_phase_forgetting(tmp_path / "both")
+    f_naive, f_ewc, f_both = (average_forgetting(a) for a in (naive, ewc_only, both))
+    print("\nnaive\n" + naive.to_markdown() + "\newc+replay\n" + both.to_markdown())
+    # every variant learned each phase when it was current
+    for a in (naive, ewc_only, both):
+        arr = a.as_array()
+        assert arr[0, 0] >= 0.9 and arr[1, 1] >= 0.9
+    assert f_naive >= 0.3  # the task really causes forgetting
+    assert f_naive - f_both >= 0.3, (f_naive, f_both)
+    assert f_ewc < f_naive - 0.1, (f_ewc, f_naive)  # EWC alone helps too
+    assert svc.ewc.consolidations == 8 and svc.updates == 8 * 50
+
+
+def test_background_training_swaps_router_while_concurrent_route_is_unaffected(tmp_path):
+    cfg = _config(tmp_path, **{"learning.training_interval_ms": 100, "learning.steps_per_cycle": 100})
+    svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D), resume=False)
+    old = svc.router
+    probe = _x(phase_data(0, 1, np.random.default_rng(3))[0][0].query_vec)
+    expected = old.route(probe).tier_probs
+    for j, (x, _, s) in enumerate(phase_data(0, 32, np.random.default_rng(0))):
+        svc.record(Interaction(f"bg{j}", x, tier_scores=s))
+    svc.start()
+    seen_during_training = []
+    try:
+        # route with the router that was serving when training began, as an in-flight request would
+        while svc.swaps == 0:
+            seen_during_training.append(old.route(probe).tier_probs)
+            assert len(seen_during_training) < 1_000_000
+        assert svc.running
+    finally:
+        svc.stop()
+    assert not svc.running
+    assert seen_during_training and all(p == expected for p in seen_during_training)
+    assert old.route(probe).tier_probs == expected  # the old object was never trained in place
+    new = svc.router
+    assert new is not old and new.route(probe).tier_probs != expected
+    assert svc.last_report["swapped"] and svc.last_report["cycle"] >= 1
+
+
+def test_state_persists_and_resumes(tmp_path):
+    acc, svc = _two_phase_forgetting(tmp_path, cycles=1)
+    paths = svc.state_paths()
+    for key in ("router_weights", "ewc_state", "replay_buffer"):
+        assert paths[key].exists() and paths[key].name == STATE_FILES[key]
+    cfg = svc.config
+    resumed = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D, seed=123))
+    probe = _x(phase_data(1, 1, np.random.default_rng(9))[0][0].query_vec)
+    np.testing.assert_allclose(list(resumed.router.route(probe).tier_probs.values()),
+                               list(svc.router.route(probe).tier_probs.values()), rtol=1e-5)
+    assert len(resumed.replay) == len(svc.replay) == 64
+    assert resumed.ewc.consolidations == svc.ewc.consolidations
+    for n, f in svc.ewc.fisher.items():
+        torch.testing.assert_close(resumed.ewc.fisher[n], f)
+
+
+def test_memory_edges_and_attention_learn_from_outcomes(tmp_path):
+    from ruvllm_lab.attention import GraphAttentionEngine
+    from ruvllm_lab.memory import MemoryService
+
+    cfg = _config(tmp_path, **{"memory.similar_edges_k": 0})
+    rng = np.random.default_rng(0)
+    with MemoryService(cfg.memory, dimension=D) as memory:
+        def vec():
+            v = rng.normal(size=D).astype(np.float32)
+            return v / np.linalg.norm(v)
+
+        good = [memory.add(f"good fact {i}", vector=vec()) for i in range(2)]
+        bad = [memory.add(f"bad fact {i}", vector=vec()) for i in range(2)]
+        other = [memory.add(f"other {i}", vector=vec()) for i in range(3)]
+        memory.add_edge(good[0], good[1], "similar", 0.5)
+        memory.add_edge(bad[0], bad[1], "similar", 0.5)
+        for o in other:
+            memory.add_edge(good[0], o, "similar", 0.4)
+        attention = GraphAttentionEngine(cfg.attention, D)
+        svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D), memory=memory,
+                              attention=attention, resume=False)
+        q = vec()
+        decision = svc.router.route(_x(q))
+        svc.record(Interaction("g", _x(q), decision, {decision.tier: 1.0}, node_ids=good))
+        svc.record(Interaction("b", _x(q), decision, {decision.tier: 0.0}, node_ids=bad))
+        report = svc.learn()
+        weight = {(e.src, e.dst): e.weight for e in memory.edges()}
+        assert weight[(good[0], good[1])] > 0.5 > weight.get((bad[0], bad[1]), 0.0)
+        assert report["memory_reinforced"] == 2
+        assert report["attention_steps"] == 1 and attention.trained and math.isfinite(report["attention_loss"])
+        assert memory.get(good[0]).quality > memory.get(bad[0]).quality
