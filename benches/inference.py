@@ -44,6 +44,8 @@ def direct_run(llm, prompt_text: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     ttft, n = None, 0
     for chunk in llm.create_completion(prompt_text, max_tokens=max_tokens, temperature=0.0, stream=True):
+        if chunk["choices"][0]["finish_reason"] is not None:
+            continue  # the closing chunk carries no token
         if ttft is None:
             ttft = time.perf_counter() - t0
         n += 1

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from ruvllm_lab.attention import GraphAttentionEngine  # noqa: E402
 from ruvllm_lab.config import AttentionConfig, Config, RouterConfig  # noqa: E402
 from ruvllm_lab.graph import EDGE_TYPES, NODE_KINDS, Subgraph  # noqa: E402
-from ruvllm_lab.router import (FastGRNNPolicy, NumpyFastGRNN, RouterExample, RouterInput, featurise_input,  # noqa: E402
-                               make_router)
+from ruvllm_lab.router import (FastGRNNPolicy, NumpyFastGRNN, RouterExample, RouterInput, accuracy,  # noqa: E402
+                               featurise_input, make_router)
 
 TIERS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 TARGET_P50_US = 50.0
@@ -118,7 +118,6 @@ def main() -> dict:
         t0 = time.perf_counter()
         rep = policy.fit(train)
         fit_s = time.perf_counter() - t0
-        from ruvllm_lab.router import accuracy
         acc = accuracy(policy.model, policy.featurise(held_out))
         sizes.append({"sparsity": sparsity, "param_count": rep["param_count"], "nonzeros": rep["nonzeros"],
                       "size_kb_float32": rep["size_kb_float32"], "size_kb_int8": rep["size_kb_int8"],

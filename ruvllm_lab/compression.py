@@ -156,21 +156,21 @@ def cluster_keywords(texts: Sequence[str], labels: np.ndarray, top: int) -> dict
     return out
 
 
-_QUOTED = re.compile(r"[\"“”']([^\"“”']{2,60})[\"“”']")
-_PREAMBLE = re.compile(r"^(the\s+)?(common\s+)?(subject|topic|theme)s?\s+(of\s+(all\s+)?these\s+\w+\s+)?(is|are)\s*:?\s*",
+_QUOTED = re.compile(r"[\"“”]([^\"“”]{2,80})[\"“”]")
+_PREAMBLE = re.compile(r"^(the\s+)?(common\s+|main\s+)?(subject|topic|theme)s?\s+(of\s+[\w\s]*?)?(is|are)\s*:?\s*",
                        re.IGNORECASE)
 
 
 def parse_subject(reply: str, max_words: int = 8) -> str:
-    """The subject a model named: its quoted phrases if any, else the first sentence without preamble."""
+    """The subject a model named: its quoted phrases if any, else the first sentence without
+    a "The subject of these sentences is" preamble; at most `max_words` words."""
     reply = (reply or "").strip()
-    quoted = list(dict.fromkeys(q.strip() for q in _QUOTED.findall(reply)))
+    quoted = list(dict.fromkeys(q.strip().rstrip(".") for q in _QUOTED.findall(reply)))
     if quoted:
-        return ", ".join(quoted[:3])
-    first = re.split(r"[\n.!?]", reply, maxsplit=1)[0]
-    first = _PREAMBLE.sub("", first).strip(" :,-*#")
-    words = first.split()
-    return " ".join(words[:max_words])
+        text = ", ".join(quoted[:3])
+    else:
+        text = _PREAMBLE.sub("", re.split(r"[\n.!?]", reply, maxsplit=1)[0]).strip(" :,-*#\"")
+    return " ".join(text.split()[:max_words])
 
 
 _SUFFIXES = ("ing", "ies", "ed", "es", "er", "s", "e", "y")
@@ -329,6 +329,7 @@ def compress_memory(memory: Any, pool: Any, config: CompressionConfig, *, tier: 
             new_items.append(memory.get(concept_id))
             level_info["concepts"] += 1
         report.levels.append(level_info)
+        log.info("compression level %d: %d items -> k=%d, %d concepts", level, n, k, level_info["concepts"])
         if not new_items:
             break
         items = new_items

@@ -99,6 +99,10 @@ def test_parse_subject_and_faithfulness():
     assert parse_subject('It is "solar system" and "galaxy" but "solar system"') == "solar system, galaxy"
     assert parse_subject("The topic of these notes is cooking. More text") == "cooking"
     assert parse_subject("") == ""
+    assert parse_subject('The subject of the sentence is "Fan cheers in the stadium."') == "Fan cheers in the stadium"
+    assert parse_subject("Subject: astronomy and planets") == "Subject: astronomy and planets"
+    assert parse_subject("The main topic is space travel and rockets and much more here too") == \
+        "space travel and rockets and much more here"
     assert faithfulness("Baking bread and cooking recipes", ["bake", "bread", "recipe", "goal"]) == pytest.approx(0.75)
     assert faithfulness("planets", ["planet"]) == 1.0
     assert faithfulness("cooking", ["cook", "cooked"]) == 1.0

@@ -97,6 +97,9 @@ def test_parse_judge_score():
     assert parse_judge_score("4/5") == 4
     assert parse_judge_score("I cannot tell") is None
     assert parse_judge_score("0 or 9") is None
+    assert parse_judge_score("A spider has 18 legs") is None
+    assert parse_judge_score("The answer is not correct.") == 1
+    assert parse_judge_score("Yes, that is correct") == 5
 
 
 def test_auroc_matches_hand_computed_values():
@@ -154,3 +157,34 @@ def test_llm_judge_with_real_small_model(tmp_path):
         assert 0.0 <= r.signals["llm"] <= 1.0
         assert r.details["llm_reply"]
     print("\n" + calibration_markdown(calibration_table(results, signals=("llm",))))
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_calibration_of_real_answers_against_gold(tmp_path):
+    """The real small model answers factual questions; its answers are scored against gold and
+    the log-prob and LLM-judge signals are compared with that in a calibration table."""
+    from ruvllm_lab.inference import InferencePool
+
+    qa = [("What is the capital of France?", "Paris"), ("What is 2 + 2?", "4"),
+          ("How many days are in a week?", "7"), ("What is the largest planet in the solar system?", "Jupiter"),
+          ("What colour is grass?", "green"), ("Who wrote Romeo and Juliet?", "Shakespeare"),
+          ("What is the chemical symbol for gold?", "Au"), ("What is the capital of Australia?", "Canberra"),
+          ("In which year did the Berlin Wall fall?", "1989"), ("What is the square root of 144?", "12")]
+    cfg = Config.from_dict({}, {"inference.models": ["smollm2-135m"], "learning.judge_tier": "smollm2-135m",
+                                "system.data_dir": str(tmp_path)})
+    with InferencePool(cfg.inference, cfg.system) as pool:
+        judge = QualityJudge(cfg.learning, pool)
+        results = []
+        for q, gold in qa:
+            gen = pool.generate("smollm2-135m", q, max_tokens=24, temperature=0.0, logprobs=True)
+            assert gen.logprobs and len(gen.logprobs) == gen.completion_tokens
+            results.append(judge.score(q, gen.text, gold=gold, logprobs=gen.logprobs))
+    for r in results:
+        assert 0.0 < r.signals["logprob"] <= 1.0 and 0.0 <= r.signals["gold"] <= 1.0
+        assert 0.0 <= r.score <= 1.0
+    table = calibration_table(results)
+    print("\ncorrect:", sum(r.signals["gold"] == 1.0 for r in results), "of", len(results))
+    print(calibration_markdown(table))
+    assert {row["signal"] for row in table} == {"llm", "logprob"}
+    assert next(row for row in table if row["signal"] == "logprob")["n"] == len(qa)

@@ -3,7 +3,7 @@ memory reinforcement and attention training with the real memory store."""
 from __future__ import annotations
 
 import math
-import threading
+import time
 
 import numpy as np
 import pytest
@@ -186,17 +186,19 @@ def test_background_training_swaps_router_while_concurrent_route_is_unaffected(t
     for j, (x, _, s) in enumerate(phase_data(0, 32, np.random.default_rng(0))):
         svc.record(Interaction(f"bg{j}", x, tier_scores=s))
     svc.start()
-    seen_during_training = []
+    calls = 0
+    deadline = time.monotonic() + 600  # a hang guard, not a speed assertion
     try:
         # route with the router that was serving when training began, as an in-flight request would
-        while svc.swaps == 0:
-            seen_during_training.append(old.route(probe).tier_probs)
-            assert len(seen_during_training) < 1_000_000
+        while svc.swaps == 0 and time.monotonic() < deadline:
+            assert old.route(probe).tier_probs == expected
+            calls += 1
+            time.sleep(0.001)  # leave the GIL to the trainer
         assert svc.running
     finally:
         svc.stop()
     assert not svc.running
-    assert seen_during_training and all(p == expected for p in seen_during_training)
+    assert svc.swaps >= 1 and calls > 0
     assert old.route(probe).tier_probs == expected  # the old object was never trained in place
     new = svc.router
     assert new is not old and new.route(probe).tier_probs != expected

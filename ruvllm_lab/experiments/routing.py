@@ -4,7 +4,8 @@ Pipeline (``run``):
 
 1. **Outcome matrix** (``collect_outcomes``): each tier answers each query once through
    ``InferencePool.generate`` (greedy, ``max_tokens`` small, the tier's own prompt format via
-   the pool).  Generations are cached on disk per tier -- one parquet (CSV without pyarrow)
+   the pool; one untimed warm-up call per tier first, so no latency includes a model load).
+   Generations are cached on disk per tier -- one parquet (CSV without pyarrow)
    per (tier, generation settings), rows keyed by the query's hash -- so a sweep over routers,
    seeds or workload sizes generates each (tier, query) pair once.  Correctness is recomputed
    from the cached text on every load (``judge_correct``), so a better gold matcher never
@@ -199,6 +200,8 @@ def collect_outcomes(config: Config, items: Sequence[WorkItem], tiers: Sequence[
                     if pool is None and own_pool is None:
                         own_pool = _make_pool(config, tiers)
                     gen_pool = pool if pool is not None else own_pool
+                    # load the model first so no measured latency includes loading it
+                    gen_pool.generate(tier, "Hello", max_tokens=1, temperature=0.0)
                     new_rows = []
                     for n_done, i in enumerate(missing):
                         if keys[i] in have:  # a duplicate query is generated once
@@ -387,7 +390,7 @@ def _markdown(df: pd.DataFrame) -> str:
             return "–" if math.isnan(v) else f"{v:.3f}"
         return str(v)
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    for _, row in df.iterrows():
+    for row in df.itertuples(index=False):  # keeps each column's dtype (iterrows upcasts ints to float)
         lines.append("| " + " | ".join(cell(v) for v in row) + " |")
     return "\n".join(lines)
 

@@ -13,7 +13,9 @@ Implementations:
 
 * ``NullTracker`` -- the default; does nothing.
 * ``MemoryTracker`` -- keeps everything in dicts (notebooks inspect it; tests read it back).
-* ``MLflowTracker`` -- one MLflow run; the only place in the package that imports mlflow, and
+* ``MLflowTracker`` -- one MLflow run (names pass through ``safe_key``: MLflow refuses
+  characters such as '+', so ``ewc+replay/forgetting`` is logged as ``ewc_replay/forgetting``);
+  the only place in the package that imports mlflow, and
   only when constructed.  Tracking URI: the ``tracking_uri`` argument, else
   ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlruns/mlflow.db``.  Artifacts of a new
   experiment go to an ``artifacts/`` folder next to a SQLite store, so runs started from any
@@ -24,6 +26,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
@@ -111,10 +114,38 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{store}"
 
 
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def safe_key(key: str) -> str:
+    """A metric/param name MLflow accepts: other characters become '_' ("ewc+replay" -> "ewc_replay")."""
+    return _KEY_BAD.sub("_", str(key))
+
+
 def _sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///"):])
     return None
+
+
+class _store_lock:
+    """flock on ``<db>.lock`` beside a SQLite store; a no-op for other stores."""
+
+    def __init__(self, db: Path | None):
+        self.path = db.with_name(db.name + ".lock") if db is not None else None
+
+    def __enter__(self):
+        if self.path is not None:
+            import fcntl
+            self.fh = open(self.path, "w")
+            fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            import fcntl
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -146,30 +177,34 @@ class MLflowTracker:
         db = _sqlite_path(self.tracking_uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifact_location = (db.parent / "artifacts" / experiment).resolve().as_uri() if db is not None else None
-            try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
-            except Exception:  # created concurrently by a sibling sweep process
-                exp = self.client.get_experiment_by_name(experiment)
-                if exp is None:
-                    raise
-                self.experiment_id = exp.experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+        with _store_lock(db):  # parallel sweep runs would race on creating the schema of a fresh store
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            self.experiment_id = self._experiment_id(experiment, db)
         self.experiment = experiment
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
         self.run_id = run.info.run_id
         self._ended = False
+
+    def _experiment_id(self, experiment: str, db: Path | None) -> str:
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is not None:
+            return exp.experiment_id
+        artifact_location = (db.parent / "artifacts" / experiment).resolve().as_uri() if db is not None else None
+        try:
+            return self.client.create_experiment(experiment, artifact_location=artifact_location)
+        except Exception:  # created concurrently by a process that does not share our lock (a remote store)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     # -- Tracker ------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        fresh = [Param(str(k), str(_param_value(v))[:6000]) for k, v in params.items() if str(k) not in existing]
+        fresh = [Param(safe_key(k), str(_param_value(v))[:6000]) for k, v in params.items()
+                 if safe_key(k) not in existing]
         for i in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=fresh[i:i + 100])
 
@@ -179,7 +214,7 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, step or 0) for k, v in _finite(metrics).items()]
+        items = [Metric(safe_key(k), v, ts, step or 0) for k, v in _finite(metrics).items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 

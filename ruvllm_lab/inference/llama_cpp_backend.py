@@ -154,7 +154,11 @@ class LlamaCppBackend(Backend):
             reuse = 0
             if use_cache and session_id in self._states:
                 reuse = common_prefix_len(self._restore(session_id), tokens)
-        reuse = min(reuse, len(tokens) - 1)  # evaluate at least one token to get fresh logits
+        reuse = max(0, min(reuse, len(tokens) - 1))  # evaluate at least one token to get fresh logits
+        if reuse and not self.llm._ctx.kv_cache_seq_rm(-1, reuse, -1):
+            # some caches (recurrent, windowed) cannot drop a suffix: start cold instead
+            self.llm._ctx.kv_cache_clear()
+            reuse = 0
         self.llm.n_tokens = reuse  # Llama.eval drops KV cells from here on
         self._live_session = session_id if use_cache else None
         return reuse

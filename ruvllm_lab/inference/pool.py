@@ -109,6 +109,9 @@ class InferencePool:
     """Serve generations from the configured tiers (smallest first), loading them on demand."""
 
     def __init__(self, config: InferenceConfig, system: SystemConfig | None = None):
+        if hasattr(config, "inference"):  # a whole `Config` was passed: take its sections
+            system = system or config.system
+            config = config.inference
         self.config = config
         self.system = system or SystemConfig()
         self._cond = threading.Condition()

@@ -199,10 +199,13 @@ class TransformersBackend(Backend):
             reuse, cache = 0, DynamicCache()
             if sid is not None and sid in self._sessions:
                 seen, cache = self._sessions.pop(sid)
-                reuse = min(common_prefix_len(seen, tokens), len(tokens) - 1)
+                reuse = max(0, min(common_prefix_len(seen, tokens), len(tokens) - 1))
                 surplus = cache.get_seq_length() - reuse
-                if surplus > 0:
-                    cache.crop(-surplus)  # drop the cached tokens past the shared prefix
+                try:
+                    if surplus > 0:
+                        cache.crop(-surplus)  # drop the cached tokens past the shared prefix
+                except (ValueError, NotImplementedError, AttributeError):
+                    reuse, cache = 0, DynamicCache()  # a windowed cache cannot be cropped: start cold
             logits, cache = self._forward(tokens[reuse:], cache)
             evaluated = len(tokens) - reuse
             emitted = b""

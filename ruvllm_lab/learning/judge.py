@@ -180,21 +180,35 @@ def logprob_confidence(logprobs: Sequence[float] | np.ndarray) -> Confidence:
 # (c) LLM-as-judge
 # ---------------------------------------------------------------------------------------
 JUDGE_RUBRIC = (
-    "You are grading an answer to a question.\n"
-    "Score 5: correct and complete. Score 4: correct with small omissions. "
-    "Score 3: partly correct. Score 2: mostly wrong. Score 1: wrong or off-topic.\n"
+    "Grade the answer to the question.\n"
+    "5 = correct and complete, 4 = correct with small omissions, 3 = partly correct, "
+    "2 = mostly wrong, 1 = wrong or off-topic.\n"
     "{gold_line}"
     "Question: {query}\n"
     "Answer: {answer}\n"
-    "Reply with one digit from 1 to 5."
+    "On a scale of 1 to 5, how correct is this answer? Rating:"
 )
-_DIGIT = re.compile(r"[1-5]")
+_DIGIT = re.compile(r"(?<![\d.])[1-5](?![\d])")  # a lone 1..5, not part of "12" or "0.5"
+_NEGATIVE = re.compile(r"\b(incorrect|not correct|wrong|false|inaccurate)\b", re.IGNORECASE)
+_POSITIVE = re.compile(r"\b(correct|right|true|accurate)\b", re.IGNORECASE)
 
 
 def parse_judge_score(text: str) -> int | None:
-    """The first digit 1..5 in the judge's reply ("Score: 4" -> 4, "4/5" -> 4); None if absent."""
-    m = _DIGIT.search(text or "")
-    return int(m.group()) if m else None
+    """The judge's grade 1..5, or None when the reply holds none.
+
+    The first lone digit 1..5 wins ("Rating: 4" -> 4, "4/5" -> 4, but not "18 legs"); failing
+    that, a verdict word: "incorrect"/"wrong" -> 1, "correct"/"right" -> 5 (small models often
+    answer in words).  Negations are checked first so "not correct" is not read as correct.
+    """
+    text = text or ""
+    m = _DIGIT.search(text)
+    if m:
+        return int(m.group())
+    if _NEGATIVE.search(text):
+        return 1
+    if _POSITIVE.search(text):
+        return 5
+    return None
 
 
 @dataclass
@@ -207,7 +221,7 @@ class LLMJudge:
 
     pool: Any
     tier: str
-    max_tokens: int = 4
+    max_tokens: int = 12
 
     def prompt(self, query: str, answer: str, gold: str | None = None) -> list[dict]:
         gold_line = f"Reference answer: {gold}\n" if gold else ""
