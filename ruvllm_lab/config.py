@@ -103,6 +103,8 @@ class AttentionConfig:
     concat_heads: bool = _f(True)
     dropout: float = _f(0.0, min=0.0, max=0.9)
     context_token_budget: int = _f(384, min=0)
+    min_relevance: float = _f(0.3, min=-1.0, max=1.0,
+                              doc="cosine to the query below which a memory is not shown to the model")
     learning_rate: float = _f(0.005, min=0.0)
 
 

@@ -165,9 +165,16 @@ class RuvLLM:
             by_id = dict(zip(prep.subgraph.node_ids, range(len(prep.subgraph))))
             correction_ids = {h.node_id for h in corrections}
             corrected = {h.metadata.get("corrects_node") for h in corrections}
-            usable = [(i, s) for i, s in ranked if i not in correction_ids and i not in corrected
-                      and prep.subgraph.quality[by_id[i]] >= LOW_QUALITY]
-            chosen = [(i, s) for i, s in ranked if i in correction_ids] + usable[: prep.decision.context_items]
+            relevance = prep.subgraph.vectors @ prep.query_vec  # (N,) cosine: vectors are normalised
+            if correction_ids:
+                # A verified correction of this very question is the answer; other memories only
+                # distract a small model from it (they may even be what was wrong).
+                chosen = [(i, s) for i, s in ranked if i in correction_ids]
+            else:
+                chosen = [(i, s) for i, s in ranked if i not in corrected
+                          and prep.subgraph.quality[by_id[i]] >= LOW_QUALITY
+                          and relevance[by_id[i]] >= self.config.attention.min_relevance
+                          ][: prep.decision.context_items]
             prep.sources = [Source(i, prep.subgraph.texts[by_id[i]], float(s), prep.subgraph.kinds[by_id[i]])
                             for i, s in chosen]
         prep.messages = self._messages(request.query, prep.sources, session)

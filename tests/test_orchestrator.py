@@ -40,6 +40,15 @@ def test_query_returns_text_sources_and_routing_info(llm):
     assert 0.0 <= r.confidence <= 1.0
 
 
+def test_memories_below_the_relevance_floor_are_not_shown(llm):
+    llm.query_with(Request("Giraffes are the tallest living animals.", constraints=Constraints(max_tokens=4)))
+    r = llm.query_with(Request("Compute 17 * 3.", constraints=Constraints(max_tokens=4)))
+    q = llm.embedder.embed_one("Compute 17 * 3.")
+    for s in r.sources:  # every memory shown clears the configured cosine floor
+        assert float(llm.embedder.embed_one(s.text) @ q) >= llm.config.attention.min_relevance - 1e-4
+    assert not any("Giraffes" in s.text for s in r.sources)
+
+
 def test_every_query_is_written_back_as_an_interaction(llm):
     before = llm.memory.count("interaction")
     r = llm.query("Name one planet of the solar system.")

@@ -24,6 +24,7 @@ from dataclasses import asdict
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..config import Config
@@ -31,7 +32,7 @@ from ..types import Constraints, Feedback
 from ..types import Request as QueryRequest
 from .errors import error_response, install_error_handlers
 from .ratelimit import RateLimiter
-from .types import ErrorOut, FeedbackIn, FeedbackOut, HealthOut, QueryIn, QueryOut, SessionOut
+from .types import MAX_TOKENS_CEILING, ErrorOut, FeedbackIn, FeedbackOut, HealthOut, QueryIn, QueryOut, SessionOut
 
 log = logging.getLogger("ruvllm_lab.server")
 
@@ -109,7 +110,7 @@ def create_app(config: Config, llm=None) -> FastAPI:
 
     app = FastAPI(title="RuvLLM API", version="0.1.0", description="Self-learning LLM: frozen small models, "
                   "living vector+graph memory, FastGRNN router", lifespan=lifespan,
-                  responses={401: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut},
+                  responses={400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut},
                              429: {"model": ErrorOut}, 503: {"model": ErrorOut}})
     app.state.llm = llm
     app.state.config = config
@@ -130,7 +131,8 @@ def create_app(config: Config, llm=None) -> FastAPI:
     def llm_of(request: Request):
         return request.app.state.llm
 
-    @app.post("/v1/query", response_model=QueryOut, summary="Process a query")
+    @app.post("/v1/query", response_model=QueryOut, summary="Process a query",
+              responses={404: {"model": ErrorOut, "description": "unknown session_id"}})
     async def query(body: QueryIn, request: Request, _key: str = Depends(guard)):
         if len(body.query) > max_query_chars:
             raise _HTTPError(422, "query_too_long", f"query has {len(body.query)} characters; the limit is "
@@ -158,7 +160,8 @@ def create_app(config: Config, llm=None) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-ID": req.request_id})
 
-    @app.post("/v1/feedback", response_model=FeedbackOut, summary="Provide feedback on a response")
+    @app.post("/v1/feedback", response_model=FeedbackOut, summary="Provide feedback on a response",
+              responses={404: {"model": ErrorOut, "description": "unknown or expired request_id"}})
     async def feedback(body: FeedbackIn, request: Request, _key: str = Depends(guard)):
         if body.rating is None and body.correction is None:
             raise _HTTPError(422, "invalid_request", "feedback needs a rating (1-5), a correction, or both")
@@ -180,7 +183,43 @@ def create_app(config: Config, llm=None) -> FastAPI:
     async def metrics(request: Request, _key: str = Depends(guard)):
         return Response(llm_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
+    _publish_config_limits(app, config)
     return app
+
+
+def _publish_config_limits(app: FastAPI, config: Config) -> None:
+    """Write the limits that depend on the config into the served OpenAPI document.
+
+    The pydantic models hold the static bounds; the tiers, `server.max_query_chars` and
+    `server.max_tokens_limit` are known only here. Publishing them keeps the document honest: a
+    request that conforms to it is one the server accepts.
+    """
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = doc["components"]["schemas"]
+            schemas["QueryIn"]["properties"]["query"]["maxLength"] = config.server.max_query_chars
+            c = schemas["ConstraintsIn"]["properties"]
+            _non_null(c["max_tokens"])["maximum"] = min(config.server.max_tokens_limit, MAX_TOKENS_CEILING)
+            _non_null(c["model"]).update({"enum": list(config.inference.models)})
+            schemas["FeedbackIn"]["anyOf"] = [  # a rating, a correction, or both (not null)
+                {"required": [f], "properties": {f: _non_null(schemas["FeedbackIn"]["properties"][f])}}
+                for f in ("rating", "correction")]
+            ok = doc["paths"]["/v1/query"]["post"]["responses"]["200"]["content"]
+            ok["text/event-stream"] = {"schema": {  # one event (OpenAPI < 3.2: `schema` describes each event)
+                "type": "object", "required": ["event", "data"],
+                "description": 'with "stream": true: `event: chunk` (data {"text": ...}) per piece, then '
+                               '`event: done` (data: the QueryOut JSON)',
+                "properties": {"event": {"enum": ["chunk", "done"]}, "data": {"type": "string"}}}}
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _non_null(prop: dict) -> dict:
+    """The non-null branch of pydantic's `X | None` (anyOf [X, null])."""
+    return next(branch for branch in prop.get("anyOf", [prop]) if branch.get("type") != "null")
 
 
 def serve(config: Config, host: str | None = None, port: int | None = None) -> None:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import (ContextOverflow, DeadlineExceeded, ModelNotFound, Overloaded, RequestNotFound, RuvLLMError,
                       SessionNotFound)
@@ -34,6 +36,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
         return error_response(422, "invalid_request", detail)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):  # e.g. a body that is not JSON at all
+        name = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+        return error_response(exc.status_code, name, exc.detail, exc.headers)
 
     @app.exception_handler(RuvLLMError)
     async def _ruvllm(request: Request, exc: RuvLLMError):

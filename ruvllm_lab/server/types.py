@@ -7,12 +7,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_ID_CHARS = 128
 MAX_CORRECTION_CHARS = 4_000
+MAX_TOKENS_CEILING = 4_096  # server.max_tokens_limit may lower it, never raise it
 
 
 class ConstraintsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_latency_ms: int | None = Field(None, ge=1, le=600_000)
-    max_tokens: int | None = Field(None, ge=1, le=4_096)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     model: str | None = Field(None, min_length=1, max_length=256, description="force a tier")
