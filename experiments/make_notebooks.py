@@ -49,7 +49,8 @@ QUICKSTART = notebook([
     params_cell('''\
 # Parameters (papermill overrides these)
 config_path = "configs/edge.toml"   # relative paths resolve against the repo root
-data_dir = ""                       # "" = a fresh temporary directory for memory and learned state
+# data_dir "" = a fresh temporary directory for memory and learned state
+data_dir = ""
 question = "What is the capital of France?"
 follow_up = "What is the capital of Australia?"
 correction = "The capital of Australia is Canberra."
@@ -170,7 +171,8 @@ seed = 0
 max_tokens = 24
 routers = ["fastgrnn", "knn", "logreg", "random", "always-smallest", "always-largest", "oracle"]
 update_every = 8
-cache_dir = ""          # "" = data/cache/outcomes (shared by every run and sweep)
+# cache_dir "" = data/cache/outcomes (shared by every run and sweep)
+cache_dir = ""
 experiment_name = "ruvllm-routing"
 run_name = ""
 '''),
@@ -280,6 +282,8 @@ NOTEBOOKS = {"00_quickstart.ipynb": QUICKSTART, "01_routing.ipynb": ROUTING, "02
 def main() -> None:
     NB_DIR.mkdir(exist_ok=True)
     for name, nb in NOTEBOOKS.items():
+        for i, cell in enumerate(nb.cells):  # stable ids: regenerating an unchanged notebook changes no byte
+            cell.id = f"{Path(name).stem[:2]}-cell-{i:02d}"
         nbformat.validate(nb)
         nbformat.write(nb, NB_DIR / name)
         print("wrote", NB_DIR / name)
