@@ -80,7 +80,8 @@ class MemoryConfig:
 
 @dataclass
 class RouterConfig:
-    kind: str = _f("fastgrnn", doc="name in the router registry (fastgrnn, random, always-small, ...)")
+    kind: str = _f("fastgrnn", doc="router registry name: fastgrnn, knn, logreg, random, always-smallest, "
+                                   "always-largest, always-<tier>")
     hidden_dim: int = _f(32, min=1, max=4096)
     w_rank: int = _f(0, min=0, doc="0 = full rank")
     u_rank: int = _f(0, min=0, doc="0 = full rank")
