@@ -112,9 +112,8 @@ def cmd_compress(args) -> int:
 def cmd_bench(args) -> int:
     import runpy
     script = Path(__file__).resolve().parent.parent / "benches" / "pipeline.py"
-    sys.argv = [str(script)] + (["--config", args.config] if args.config else [])
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    argv = (["--config", args.config] if args.config else []) + [f"--set={s}" for s in args.set or []]
+    return runpy.run_path(str(script))["main"](argv + getattr(args, "bench_args", []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,12 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("restore", cmd_restore, "restore a backup made by `ruvllm backup`")
     sp.add_argument("dir")
     add("compress", cmd_compress, "summarise memory clusters into concept nodes")
-    add("bench", cmd_bench, "end-to-end pipeline benchmark", config_required=False)
+    sp = add("bench", cmd_bench, "end-to-end pipeline benchmark (benches/pipeline.py)", config_required=False)
+    sp.epilog = ("Other options go to benches/pipeline.py (see its --help): --quick, --memory-nodes, --n-requests, "
+                 "--concurrency, --max-tokens, --warmup, --out.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.bench_args = extra  # `ruvllm bench` hands these to benches/pipeline.py
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -140,7 +140,7 @@ class RuvLLM:
         with self._stage("embed", prep):
             prep.query_vec = self.embedder.embed_one(request.query)
         with self._stage("retrieve", prep):
-            hits = self.memory.search(prep.query_vec, SEARCH_K) if self.memory.count() else []
+            hits = self.memory.search(prep.query_vec, SEARCH_K)
             corrections = [h for h in (self.memory.search(prep.query_vec, CORRECTION_K, kinds=("correction",))
                                        if self.memory.count("correction") else [])
                            if h.score >= CORRECTION_MIN_SCORE]

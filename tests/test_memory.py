@@ -85,6 +85,18 @@ def test_search_kinds_filter_and_small_store(mem):
     assert len(mem.search(unit(5), k=100)) == 20
 
 
+def test_rare_kind_search_is_exact_and_agrees_with_the_widening_ann_search(mem, monkeypatch):
+    import ruvllm_lab.memory.service as service
+    ids = [mem.add(f"n{i}", kind="correction" if i % 50 == 0 else "interaction", vector=unit(i)) for i in range(400)]
+    q = unit(3)
+    exact = mem.search(q, k=3, kinds=("correction",))  # 8 corrections: the brute-force path
+    want = sorted((i for i in range(400) if i % 50 == 0), key=lambda i: -float(unit(i) @ q))[:3]
+    assert [h.node_id for h in exact] == [ids[i] for i in want]
+    assert [h.score for h in exact] == pytest.approx([float(unit(i) @ q) for i in want], abs=1e-5)
+    monkeypatch.setattr(service, "EXACT_KIND_SEARCH_MAX", 0)  # force the widening ANN path
+    assert [h.node_id for h in mem.search(q, k=3, kinds=("correction",))] == [h.node_id for h in exact]
+
+
 def test_empty_text_is_rejected(mem):
     for bad in ("", "   "):
         with pytest.raises(ValueError, match="empty"):

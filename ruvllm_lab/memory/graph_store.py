@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     archived INTEGER NOT NULL DEFAULT 0,
     vector BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS nodes_kind ON nodes(kind);
+-- counts by kind and activity read this small index, never the rows (vectors and texts are large)
+CREATE INDEX IF NOT EXISTS nodes_archived_kind ON nodes(archived, kind);
 CREATE TABLE IF NOT EXISTS edges (
     src INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
     dst INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
@@ -239,9 +240,13 @@ class GraphStore:
             out[row] = np.frombuffer(found[i], np.float32)
         return out
 
-    def active_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids (n,) int64, vectors (n, D) float32) of every non-archived node: what the index must hold."""
-        rows = self.conn.execute("SELECT id, vector FROM nodes WHERE archived=0 ORDER BY id").fetchall()
+    def active_vectors(self, kinds: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (n,) int64, vectors (n, D) float32) of every non-archived node (of `kinds`): what the index must hold."""
+        for kind in kinds or ():
+            check_kind(kind)
+        where = f" AND kind IN ({','.join('?' * len(kinds))})" if kinds else ""
+        rows = self.conn.execute(f"SELECT id, vector FROM nodes WHERE archived=0{where} ORDER BY id",
+                                 list(kinds or ())).fetchall()
         ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), self.dimension)
         return ids, vecs.copy()

@@ -54,6 +54,7 @@ VALUE_WEIGHTS = (0.4, 0.3, 0.3)  # quality, use, recency
 VALUE_USE_SATURATION = 100  # uses at which the use term reaches 1
 VALUE_RECENCY_DAYS = 30.0  # e-folding time of the recency term
 EVICTION_SLACK = 0.01  # evict down to (1 - slack) * max_nodes
+EXACT_KIND_SEARCH_MAX = 4096  # kind-filtered searches over at most this many nodes are exact scans
 
 
 def node_value(quality: np.ndarray, use_count: np.ndarray, last_active_at: np.ndarray, now: float) -> np.ndarray:
@@ -353,6 +354,10 @@ class MemoryService:
         q = self._query_vector(query)
         with self._lock:
             available = len(self.index)
+            if available == 0:
+                return []
+            if kinds is not None and sum(self.store.count(kind) for kind in kinds) <= EXACT_KIND_SEARCH_MAX:
+                return self._exact_search(q, k, kinds)
             fetch = k if kinds is None else 4 * k
             while True:
                 scores, ids = self.index.search(q[None, :], min(fetch, available))
@@ -365,6 +370,16 @@ class MemoryService:
                 fetch *= 4
         hits.sort(key=lambda h: -h.score)
         return hits[:k]
+
+    def _exact_search(self, q: np.ndarray, k: int, kinds: tuple[str, ...]) -> list[Hit]:
+        """Brute force over the few nodes of `kinds` (corrections, concepts): widening an ANN search
+        until it finds a rare kind would read most of the index."""
+        ids, vecs = self.store.active_vectors(kinds)
+        scores = vecs @ q  # (n,) cosine: stored vectors are normalised
+        top = np.argsort(-scores, kind="stable")[:k]
+        nodes = self.store.get_many(ids[top].tolist())
+        return [Hit(int(ids[j]), float(scores[j]), nodes[int(ids[j])].text, nodes[int(ids[j])].kind,
+                    nodes[int(ids[j])].metadata) for j in top]
 
     def expand(self, seed_ids: Sequence[int], hops: int | None = None, max_nodes: int | None = None,
                seed_scores: dict[int, float] | None = None) -> Subgraph:
