@@ -354,10 +354,12 @@ class GraphStore:
         out = []
         for chunk in _chunks(ids, 400):
             ph = ",".join("?" * len(chunk))
+            # `+n.archived` keeps SQLite from driving the join off the (archived, kind) index,
+            # i.e. from scanning every active node instead of the few edges of `ids`
             q = (f"SELECT e.src, e.dst, e.weight FROM edges e JOIN nodes n ON n.id = e.dst "
-                 f"WHERE e.src IN ({ph}) AND n.archived=0 "
+                 f"WHERE e.src IN ({ph}) AND +n.archived=0 "
                  f"UNION ALL SELECT e.dst, e.src, e.weight FROM edges e JOIN nodes n ON n.id = e.src "
-                 f"WHERE e.dst IN ({ph}) AND n.archived=0")
+                 f"WHERE e.dst IN ({ph}) AND +n.archived=0")
             out.extend((int(a), int(b), float(w)) for a, b, w in self.conn.execute(q, chunk + chunk))
         return out
 
