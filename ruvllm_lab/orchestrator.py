@@ -31,6 +31,7 @@ import numpy as np
 
 from . import models
 from .attention import GraphAttentionEngine
+from .compression import CompressionReport, compress_memory
 from .config import STATE_FILES, Config
 from .embedding import EmbeddingService
 from .errors import Overloaded, RequestNotFound, SessionNotFound
@@ -110,8 +111,14 @@ class RuvLLM:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(config.system.max_concurrent_requests)
         self._closed = False
+        self._stop_compression = threading.Event()
+        self._compression_thread: threading.Thread | None = None
         if start_background_learning and config.learning.enabled:
             self.learning.start()
+        if start_background_learning and config.compression.enabled:
+            self._compression_thread = threading.Thread(target=self._compress_periodically,
+                                                        name="ruvllm-compression", daemon=True)
+            self._compression_thread.start()
 
     # ---- the pipeline -------------------------------------------------------------------------
     def query(self, text: str) -> Response:
@@ -295,6 +302,20 @@ class RuvLLM:
     def learn(self) -> dict:
         return self.learning.learn()
 
+    def compress(self) -> CompressionReport:
+        """One pass of the third learning loop: summarise memory clusters into concept nodes."""
+        return compress_memory(self.memory, self.pool, self.config.compression, embedder=self.embedder,
+                               seed=self.config.system.seed)
+
+    def _compress_periodically(self) -> None:
+        while not self._stop_compression.wait(self.config.compression.interval_ms / 1000.0):
+            try:
+                report = self.compress()
+                log.info("compression: %d concepts, %d -> %d indexed nodes", len(report.concepts),
+                         report.nodes_before, report.nodes_after)
+            except Exception:  # noqa: BLE001 - a failed pass leaves memory as it was; try again next interval
+                log.exception("background compression pass failed")
+
     def health(self) -> HealthReport:
         return check_health(self.memory, self.learning.router, self.pool, self.config.embedding.dimension)
 
@@ -302,6 +323,9 @@ class RuvLLM:
         if self._closed:
             return
         self._closed = True
+        self._stop_compression.set()
+        if self._compression_thread is not None:
+            self._compression_thread.join()  # a pass in flight finishes its writes before memory closes
         self.learning.stop()
         with contextlib.suppress(Exception):
             self.learning.save_state()

@@ -210,3 +210,26 @@ def test_compress_store_cli_entry_point(tmp_path):
         assert memory.count("concept") == len(out["concepts"])
     disabled = compress_store(cfg.with_overrides({"compression.enabled": False}))
     assert "skipped" in disabled
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_ruvllm_runs_compression_periodically_in_the_background(tmp_path):
+    import time
+
+    from ruvllm_lab import RuvLLM
+
+    from .conftest import ROOT
+    cfg = Config.load(ROOT / "configs/edge.toml", overrides={
+        "memory.db_path": str(tmp_path / "m.db"), "system.data_dir": str(tmp_path / "state"),
+        "learning.enabled": False, "compression.interval_ms": 1000, "compression.max_depth": 1})
+    with RuvLLM(cfg, start_background_learning=True) as llm:
+        for sents in TOPICS.values():
+            for s in sents:
+                llm.memory.add(s, kind="document")
+        deadline = time.monotonic() + 300  # a hang guard, not a speed assertion
+        while llm.memory.count("concept") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        concepts = llm.memory.nodes("concept")
+    assert len(concepts) >= 2
+    assert not llm._compression_thread.is_alive()  # close() stopped the job
