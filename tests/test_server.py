@@ -34,9 +34,11 @@ def free_port() -> int:
 class Server:
     """`ruvllm serve` as a real process; stops with SIGTERM like systemd would."""
 
-    def __init__(self, tmp: Path, overrides: list[str], keys: str = f"{KEY},{RATE_KEY}"):
+    def __init__(self, tmp: Path, overrides: list[str], keys: str = f"{KEY},{RATE_KEY}", verify=True):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        tls = any(o.startswith("server.tls_certfile=") for o in overrides)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify = verify
         self.overrides = [f"memory.db_path={tmp / 'memory.db'}", f"system.data_dir={tmp / 'state'}",
                           "inference.max_tokens=16", "learning.training_interval_ms=600000", *overrides]
         self.config = Config.load(ROOT / "configs/edge.toml", overrides=self.overrides)
@@ -51,7 +53,7 @@ class Server:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (tmp / f"server-{self.port}.log").read_text()
             try:
-                if httpx.get(f"{self.url}/v1/health", timeout=30).status_code == 200:
+                if httpx.get(f"{self.url}/v1/health", timeout=30, verify=self.verify).status_code == 200:
                     return
             except httpx.TransportError:
                 time.sleep(0.3)
@@ -59,7 +61,7 @@ class Server:
 
     def client(self, key: str | None = KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, verify=self.verify)
 
     def stop(self) -> bool:
         """SIGTERM; True when the server shut down gracefully (uvicorn re-raises the signal afterwards)."""
@@ -127,6 +129,7 @@ def test_401_without_or_with_a_wrong_key(server):
 @pytest.mark.parametrize("body,fragment", [
     ({}, "query"),
     ({"query": ""}, "query"),
+    ({"query": " \n\t"}, "query"),
     ({"query": 3}, "query"),
     ({"query": "hi", "constraints": {"temperature": 9}}, "temperature"),
     ({"query": "hi", "constraints": {"max_tokens": 100000}}, "max_tokens"),
@@ -142,6 +145,7 @@ def test_422_for_non_json_and_bad_feedback(server):
     with server.client() as c:
         assert c.post("/v1/query", content=b"not json", headers={"content-type": "application/json"}).status_code == 422
         assert c.post("/v1/feedback", json={"request_id": "x", "rating": 7}).status_code == 422
+        assert c.post("/v1/feedback", json={"request_id": "x", "correction": "   "}).status_code == 422
         r = c.post("/v1/feedback", json={"request_id": "x"})
         assert r.status_code == 422 and "rating" in r.json()["detail"]
 
@@ -226,3 +230,23 @@ def test_sigterm_under_load_loses_no_acknowledged_feedback(tmp_path):
     finally:
         mem.close()
     assert set(acknowledged) <= stored
+
+
+def test_tls_when_a_certificate_is_configured(tmp_path):
+    import ssl
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    srv = Server(tmp_path, [f"server.tls_certfile={cert}", f"server.tls_keyfile={key}"],
+                 verify=ssl.create_default_context(cafile=str(cert)))
+    try:
+        assert srv.url.startswith("https://")
+        with srv.client() as c:
+            assert c.get("/v1/health").status_code == 200
+            r = c.post("/v1/query", json={"query": "Say hi.", "constraints": {"max_tokens": 4}})
+            assert r.status_code == 200, r.text
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not served on the TLS port
+            httpx.get(srv.url.replace("https://", "http://") + "/v1/health", timeout=10)
+    finally:
+        assert srv.stop()

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_ID_CHARS = 128
 MAX_CORRECTION_CHARS = 4_000
+NOT_BLANK = r"\S"  # at least one non-whitespace character (JSON Schema patterns search, not match)
 MAX_TOKENS_CEILING = 4_096  # server.max_tokens_limit may lower it, never raise it
 
 
@@ -21,7 +22,7 @@ class ConstraintsIn(BaseModel):
 
 class QueryIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    query: str = Field(..., min_length=1, description="The user query")
+    query: str = Field(..., min_length=1, pattern=NOT_BLANK, description="The user query")
     session_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS, description="Optional session for multi-turn")
     constraints: ConstraintsIn = Field(default_factory=ConstraintsIn)
     stream: bool = Field(False, description="answer with Server-Sent Events")
@@ -56,7 +57,7 @@ class FeedbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     request_id: str = Field(..., min_length=1, max_length=MAX_ID_CHARS)
     rating: int | None = Field(None, ge=1, le=5)
-    correction: str | None = Field(None, min_length=1, max_length=MAX_CORRECTION_CHARS)
+    correction: str | None = Field(None, min_length=1, max_length=MAX_CORRECTION_CHARS, pattern=NOT_BLANK)
 
 
 class FeedbackOut(BaseModel):
