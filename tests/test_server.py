@@ -74,7 +74,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("srv"), ["server.rate_limit_per_minute=20", "server.max_body_bytes=4096",
+    s = Server(tmp_path_factory.mktemp("srv"), ["server.rate_limit_per_minute=40", "server.max_body_bytes=4096",
                                                  "system.max_concurrent_requests=1"])
     yield s
     assert s.stop()
@@ -134,6 +134,8 @@ def test_401_without_or_with_a_wrong_key(server):
     ({"query": "hi", "constraints": {"temperature": 9}}, "temperature"),
     ({"query": "hi", "constraints": {"max_tokens": 100000}}, "max_tokens"),
     ({"query": "hi", "unknown": 1}, "unknown"),
+    ({"query": "hi", "stream": "true"}, "stream"),  # strict: no string-to-bool coercion
+    ({"query": "hi", "constraints": {"max_tokens": "8"}}, "max_tokens"),  # nor string-to-int
 ])
 def test_422_for_malformed_bodies(server, body, fragment):
     with server.client() as c:
@@ -159,7 +161,7 @@ def test_413_for_an_oversized_body(server):
 def test_429_over_the_rate_with_retry_after(server):
     codes = []
     with server.client(RATE_KEY) as c:
-        for _ in range(40):
+        for _ in range(80):
             r = c.post("/v1/sessions")
             codes.append(r.status_code)
             if r.status_code == 429:

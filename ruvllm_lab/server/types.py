@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_ID_CHARS = 128
 MAX_CORRECTION_CHARS = 4_000
@@ -11,17 +11,26 @@ NOT_BLANK = r"\S"  # at least one non-whitespace character (JSON Schema patterns
 MAX_TOKENS_CEILING = 4_096  # server.max_tokens_limit may lower it, never raise it
 
 
+
+def integral_float_to_int(value: Any) -> Any:
+    """The request models are strict ("1" is not a number, "true" not a boolean), but JSON Schema's
+    integer includes 177.0, which strict pydantic would refuse: integral floats become ints first."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class ConstraintsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     max_latency_ms: int | None = Field(None, ge=1, le=600_000)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     model: str | None = Field(None, min_length=1, max_length=256, description="force a tier")
 
+    _integers = field_validator("max_latency_ms", "max_tokens", mode="before")(integral_float_to_int)
+
 
 class QueryIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     query: str = Field(..., min_length=1, pattern=NOT_BLANK, description="The user query")
     session_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS, description="Optional session for multi-turn")
     constraints: ConstraintsIn = Field(default_factory=ConstraintsIn)
@@ -54,10 +63,12 @@ class QueryOut(BaseModel):
 
 
 class FeedbackIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     request_id: str = Field(..., min_length=1, max_length=MAX_ID_CHARS)
     rating: int | None = Field(None, ge=1, le=5)
     correction: str | None = Field(None, min_length=1, max_length=MAX_CORRECTION_CHARS, pattern=NOT_BLANK)
+
+    _integers = field_validator("rating", mode="before")(integral_float_to_int)
 
 
 class FeedbackOut(BaseModel):
