@@ -5,6 +5,8 @@ sends, the server never answers 5xx, and its answers conform to the schema it pu
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +16,7 @@ from .test_server import KEY, Server
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
+FUZZ_EXAMPLES = int(os.environ.get("RUVLLM_FUZZ_EXAMPLES", "25"))  # per operation and mode
 BODYLESS = {"GET /v1/health", "GET /v1/metrics", "POST /v1/sessions"}
 
 
@@ -41,7 +44,10 @@ def test_fuzzed_requests_get_no_5xx_and_schema_conformant_answers(served_schema,
         if mode is schemathesis.GenerationMode.NEGATIVE and op.label in BODYLESS:
             continue  # nothing in these requests can be made invalid
         @given(case=op.as_strategy(generation_mode=mode))
-        @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        # derandomize: CI sees the same examples every run, so a failure reproduces; explore more with
+        # RUVLLM_FUZZ_EXAMPLES=150 (ran clean twice before this was committed)
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None, derandomize=True)
         def check(case):
             case.call_and_validate(headers=AUTH)
 

@@ -92,6 +92,14 @@ def test_sampling_is_greedy_at_temperature_zero_and_logprob_is_log_softmax():
     assert token_logprob(logits, 3) == pytest.approx(np.log(p[3]), abs=1e-5)
 
 
+def test_sampling_at_denormal_temperature_and_top_p_is_greedy_not_nan():
+    """Found by fuzzing the HTTP API: temperature = top_p = 5e-324 made every probability NaN."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=50).astype(np.float32)
+    for t, top_p in [(5e-324, 5e-324), (1e-300, 1.0), (5e-324, 0.9)]:
+        assert sample_token(logits, t, top_p, rng) == int(np.argmax(logits))
+
+
 def test_fair_lock_serves_waiters_in_arrival_order():
     lock, order = FairLock(), []
     assert lock.acquire()

@@ -160,10 +160,12 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
         return int(np.argmax(logits))
     k = min(top_k, logits.shape[0])
     idx = np.argpartition(logits, -k)[-k:]
-    z = logits[idx].astype(np.float64) / temperature
+    z = logits[idx].astype(np.float64)
+    with np.errstate(over="ignore"):  # a tiny T sends every gap to -inf: exp gives 0, never NaN
+        z = (z - z.max()) / temperature
     order = np.argsort(-z)
     idx, z = idx[order], z[order]
-    p = np.exp(z - z[0])
+    p = np.exp(z)
     p /= p.sum()
     if 0.0 < top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)

@@ -7,7 +7,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_ID_CHARS = 128
 MAX_CORRECTION_CHARS = 4_000
-NOT_BLANK = r"\S"  # at least one non-whitespace character (JSON Schema patterns search, not match)
+# At least one character that Python's str.strip() keeps (JSON Schema patterns search, not match).
+# Spelled out rather than `\S`: ECMAScript, Rust (pydantic) and Python disagree on what `\s` covers.
+NOT_BLANK = r"[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 MAX_TOKENS_CEILING = 4_096  # server.max_tokens_limit may lower it, never raise it
 
 
