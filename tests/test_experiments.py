@@ -2,6 +2,7 @@
 store, and the routing / forgetting / compression runs at tiny size with real parts."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -12,6 +13,8 @@ import pytest
 from ruvllm_lab import workloads
 from ruvllm_lab.experiments import metrics as M
 from ruvllm_lab.experiments.tracking import MemoryTracker, MLflowTracker, NullTracker, Tracker, safe_key
+
+from .conftest import ROOT
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -265,3 +268,18 @@ def test_compression_run_trades_ratio_for_recall(edge_config, embedder, mlflow_u
     _, run, artifacts = _run_data(tr)
     assert "c2_d1/compression_ratio" in run.data.metrics and "baseline/recall" in run.data.metrics
     assert {"ratio_recall.png", "compression_summary.csv"} <= artifacts
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_judge_calibration_script_writes_a_table_for_every_signal(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("judge_calibration", ROOT / "experiments" / "judge_calibration.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--n", "4", "--judge-tier", "smollm2-135m", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "judge_calibration.json").read_text())
+    assert [row["signal"] for row in result["table"]] == ["logprob", "llm:smollm2-135m"]
+    assert len(result["rows"]) == 4 and all(r["gold"] in (0.0, 1.0) for r in result["rows"])
+    assert all(0.0 < r["logprob"] <= 1.0 for r in result["rows"])
+    assert "| logprob | 4 |" in (tmp_path / "judge_calibration.md").read_text()
