@@ -8,7 +8,7 @@
 3. Stream one answer, then run `notebooks/01_routing.ipynb` through papermill at small size and
    print where its MLflow run and cost–quality figure are.
 
-State goes to `runs/demo/` (wiped at start) so the demo always begins from an empty memory.
+State goes to `runs/demo/` (`--state-dir`; wiped at start) so the demo always begins from an empty memory.
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def pipeline_demo(config: Config) -> None:
         print(f"correct {answers[q].request_id} with {fix!r} ->", out)
 
         print(f"\nQ (paraphrase): {PARAPHRASE}")
-        again = llm.query_with(Request(PARAPHRASE, constraints=Constraints(model=config.inference.models[0])))
+        again = llm.query_with(Request(PARAPHRASE, constraints=Constraints(model=config.inference.models[0],
+                                                                          temperature=0.0)))
         show(again)
         used = any(s.kind == "correction" for s in again.sources)
         print(f"\n  correction retrieved: {used}; answer mentions Canberra: {'canberra' in again.text.lower()}")
@@ -127,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "edge.toml"))
     p.add_argument("--n-queries", type=int, default=30, help="routing experiment size")
     p.add_argument("--skip-routing", action="store_true")
+    p.add_argument("--state-dir", default=str(ROOT / "runs" / "demo"), help="wiped at start")
     args = p.parse_args(argv)
 
-    state = ROOT / "runs" / "demo"
+    state = Path(args.state_dir)
     shutil.rmtree(state, ignore_errors=True)
     config = Config.load(args.config, overrides={"memory.db_path": str(state / "memory.db"),
                                                  "system.data_dir": str(state / "state")})

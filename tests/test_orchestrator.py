@@ -171,3 +171,13 @@ def test_close_persists_memory_and_learned_state(tmp_path):
     finally:
         mem.close()
     assert (tmp_path / "s" / "router_weights.pt").exists()
+
+
+def test_demo_runs_the_loop_and_uses_the_correction(tmp_path, capsys):
+    from ruvllm_lab import demo
+    assert demo.main(["--skip-routing", "--state-dir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    for section in ("1. questions", "2. feedback", "3. a session", "health"):
+        assert section in out
+    assert "correction retrieved: True; answer mentions Canberra: True" in out
+    assert "'correction_node':" in out and "overall: healthy" in out
