@@ -148,8 +148,7 @@ class RuvLLM:
             prep.query_vec = self.embedder.embed_one(request.query)
         with self._stage("retrieve", prep):
             hits = self.memory.search(prep.query_vec, SEARCH_K)
-            corrections = [h for h in (self.memory.search(prep.query_vec, CORRECTION_K, kinds=("correction",))
-                                       if self.memory.count("correction") else [])
+            corrections = [h for h in self.memory.search(prep.query_vec, CORRECTION_K, kinds=("correction",))
                            if h.score >= CORRECTION_MIN_SCORE]
             seeds = {h.node_id: h.score for h in hits + corrections}
             prep.subgraph = (self.memory.expand(list(seeds), seed_scores=seeds) if seeds
@@ -171,15 +170,14 @@ class RuvLLM:
                                                    self.embedder.count_tokens)
             by_id = dict(zip(prep.subgraph.node_ids, range(len(prep.subgraph))))
             correction_ids = {h.node_id for h in corrections}
-            corrected = {h.metadata.get("corrects_node") for h in corrections}
-            relevance = prep.subgraph.vectors @ prep.query_vec  # (N,) cosine: vectors are normalised
             if correction_ids:
                 # A verified correction of this very question is the answer; other memories only
                 # distract a small model from it (they may even be what was wrong).
                 chosen = [(i, s) for i, s in ranked if i in correction_ids]
             else:
-                chosen = [(i, s) for i, s in ranked if i not in corrected
-                          and prep.subgraph.quality[by_id[i]] >= LOW_QUALITY
+                relevance = prep.subgraph.vectors @ prep.query_vec  # (N,) cosine: vectors are normalised
+                chosen = [(i, s) for i, s in ranked
+                          if prep.subgraph.quality[by_id[i]] >= LOW_QUALITY
                           and relevance[by_id[i]] >= self.config.attention.min_relevance
                           ][: prep.decision.context_items]
             prep.sources = [Source(i, prep.subgraph.texts[by_id[i]], float(s), prep.subgraph.kinds[by_id[i]])

@@ -110,8 +110,7 @@ def create_app(config: Config, llm=None) -> FastAPI:
 
     app = FastAPI(title="RuvLLM API", version="0.1.0", description="Self-learning LLM: frozen small models, "
                   "living vector+graph memory, FastGRNN router", lifespan=lifespan,
-                  responses={400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 413: {"model": ErrorOut}, 422: {"model": ErrorOut},
-                             429: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+                  responses={status: {"model": ErrorOut} for status in (400, 401, 413, 422, 429, 503)})
     app.state.llm = llm
     app.state.config = config
     keys = {k.strip() for k in os.environ.get(config.server.api_keys_env, "").split(",") if k.strip()}

@@ -13,7 +13,6 @@ NOT_BLANK = r"[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\
 MAX_TOKENS_CEILING = 4_096  # server.max_tokens_limit may lower it, never raise it
 
 
-
 def integral_float_to_int(value: Any) -> Any:
     """The request models are strict ("1" is not a number, "true" not a boolean), but JSON Schema's
     integer includes 177.0, which strict pydantic would refuse: integral floats become ints first."""
