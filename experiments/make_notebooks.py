@@ -32,6 +32,13 @@ def project_path(p):
 '''
 
 
+def end_run_cell(before: str = "", after: str = ""):
+    """The last cell of every notebook: end the MLflow run and say where it is."""
+    return new_code_cell(before + 'tracker.end()\n'
+                         'print(f"MLflow run {tracker.run_id} in experiment {experiment_name!r} at {tracker.tracking_uri}")\n'
+                         + after)
+
+
 def params_cell(source: str):
     cell = new_code_cell(source)
     cell.metadata["tags"] = ["parameters"]
@@ -152,11 +159,8 @@ ask.on_click(on_ask)
 rate.on_click(on_rate)
 display(widgets.VBox([widgets.HBox([box, ask]), widgets.HBox([stars, fix, rate]), out]))
 '''),
-    new_code_cell('''\
-# Headless runs (papermill) end the MLflow run here; in JupyterLab keep using the panel above, then run this cell.
-tracker.end()
-print(f"MLflow run {tracker.run_id} in experiment {experiment_name!r} at {tracker.tracking_uri}")
-'''),
+    end_run_cell(before="# Headless runs (papermill) end the MLflow run here; in JupyterLab keep using the panel "
+                        "above, then run this cell.\n"),
 ])
 
 ROUTING = notebook([
@@ -194,12 +198,7 @@ print(f"{len(items)} queries, {result.outcomes.generated} new generations (the r
     new_code_cell('display(Markdown(result.to_markdown()))'),
     new_code_cell('result.figures["cost_quality"]'),
     new_code_cell('result.figures["online_quality"]'),
-    new_code_cell('''\
-tracker.end()
-cost_quality_png = f"{tracker.artifact_uri}/cost_quality.png"
-print(f"MLflow run {tracker.run_id} in experiment {experiment_name!r} at {tracker.tracking_uri}")
-print(f"cost-quality figure: {cost_quality_png}")
-'''),
+    end_run_cell(after='print(f"cost-quality figure: {tracker.artifact_uri}/cost_quality.png")\n'),
 ])
 
 FORGETTING = notebook([
@@ -237,10 +236,7 @@ for method, matrix in result.matrices.items():
 '''),
     new_code_cell('result.figures["accuracy_over_time"]'),
     new_code_cell('result.figures["forgetting_summary"]'),
-    new_code_cell('''\
-tracker.end()
-print(f"MLflow run {tracker.run_id} in experiment {experiment_name!r} at {tracker.tracking_uri}")
-'''),
+    end_run_cell(),
 ])
 
 COMPRESSION = notebook([
@@ -269,10 +265,7 @@ result = compression.run(cfg, n_interactions, cluster_counts, depths, n_eval=n_e
 display(Markdown(result.to_markdown()))
 '''),
     new_code_cell('result.figures["ratio_recall"]'),
-    new_code_cell('''\
-tracker.end()
-print(f"MLflow run {tracker.run_id} in experiment {experiment_name!r} at {tracker.tracking_uri}")
-'''),
+    end_run_cell(),
 ])
 
 NOTEBOOKS = {"00_quickstart.ipynb": QUICKSTART, "01_routing.ipynb": ROUTING, "02_forgetting.ipynb": FORGETTING,
