@@ -32,8 +32,10 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow" -x -q
 
+# JupyterLab on the venv's kernel; as root (containers) it needs --allow-root.
 lab: venv
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --MappingKernelManager.default_kernel_name=ruvllm-lab
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --MappingKernelManager.default_kernel_name=ruvllm-lab \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: venv
 	$(PY) benches/inference.py && $(PY) benches/memory.py && $(PY) benches/router.py && $(PY) benches/pipeline.py

@@ -1,7 +1,17 @@
-"""Memory benchmark: HNSW recall/QPS (faiss vs hnswlib), writeback insert throughput, graph expansion.
+"""Memory benchmark: HNSW recall/QPS (faiss vs hnswlib), writeback insert throughput, graph expansion,
+and the two memory backends side by side (SQLite + faiss vs PostgreSQL + pgvector).
 
     python benches/memory.py                 # N = 100k vectors per dataset
     python benches/memory.py --n 20000       # smaller, for a quick run
+    python benches/memory.py --only backends --backend-n 100000   # only the backend comparison
+                                             # (merged into the existing results files)
+
+Backends: both stores are filled through ``MemoryBackend.insert_nodes`` in batches (the
+service's write path, without similar-edge search, so insert time is the store's own), then
+queried through ``MemoryService.search(k=10)`` one query at a time (what a request does:
+ANN search plus reading the hit rows).  PostgreSQL is the pgserver wheel's (started here in a
+temp dir on a Unix socket), or ``--dsn`` / ``RUVLLM_MEMORY_DSN``.  Both use the edge profile's
+HNSW settings.
 
 Datasets: (a) all-MiniLM-L6-v2 embeddings of generated sentences (cached under data/cache/),
 (b) clustered synthetic 384-d unit vectors.  Ground truth is exact inner-product search
@@ -12,6 +22,7 @@ pattern); build time uses all cores.  Writes benches/results/memory.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -186,6 +197,79 @@ def bench_service(profile_cfg, n_insert: int, n_text: int) -> dict:
     return out
 
 
+def bench_backends(n: int, n_queries: int, dsn: str | None) -> dict:
+    """Fill each backend with the same `n` clustered 384-d vectors, then recall@10 and QPS of search."""
+    from ruvllm_lab.memory.backend import open_backend
+    from ruvllm_lab.memory.graph_store import NewNode
+
+    faiss.omp_set_num_threads(1)
+    data = clustered_unit_vectors(n + n_queries, 384, clusters=max(10, n // 500), seed=3)
+    base, queries = data[:n], data[n:]
+    flat = faiss.IndexFlatIP(384)
+    flat.add(base)
+    exact = flat.search(queries, K)[1]  # positions in `base`
+    edge = Config.load(ROOT / "configs" / "edge.toml").memory
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = None
+        if "postgres" in BACKENDS_RUN:
+            if dsn is None:
+                import pgserver
+                server = pgserver.get_server(Path(tmp) / "pg", cleanup_mode="delete")
+                dsn = server.get_uri()
+        try:
+            for backend_name in BACKENDS_RUN:
+                cfg = dataclasses.replace(edge, backend=backend_name, db_path=str(Path(tmp) / "memory.db"),
+                                          dsn=dsn or "", pg_schema="bench_memory", similar_edges_k=0,
+                                          max_nodes=max(edge.max_nodes, n + 1))
+                backend = open_backend(cfg, 384)
+                if backend_name == "postgres":
+                    backend.drop()  # a clean schema, also on a user's server
+                    backend.close()
+                    backend = open_backend(cfg, 384)
+                t0 = time.perf_counter()
+                ids = []
+                for start in range(0, n, 1000):
+                    chunk = base[start:start + 1000]
+                    ids += backend.insert_nodes([NewNode(f"node {start + i}", "document", v) for i, v in enumerate(chunk)])
+                insert_s = time.perf_counter() - t0
+                pos_to_id = np.asarray(ids, np.int64)
+                with MemoryService(cfg, 384, backend=backend) as mem:
+                    mem.search(queries[0], k=K)  # warm the connection / caches
+                    found, qps = time_queries(lambda q: ([h.node_id for h in mem.search(q, k=K)] + [-1] * K)[:K],
+                                              queries)
+                    stats = mem.stats()
+                    if backend_name == "postgres":
+                        backend.drop()
+                rec = recall(found, pos_to_id[exact])
+                rows.append({"backend": backend_name, "n": n, "queries": n_queries, "M": cfg.hnsw_m,
+                             "ef_construction": cfg.hnsw_ef_construction, "ef_search": cfg.hnsw_ef_search,
+                             "recall_at_10": rec, "qps": qps, "insert_per_s": n / insert_s, "insert_s": insert_s,
+                             "index_bytes": stats["index_bytes"], "db_bytes": stats["db_bytes"]})
+                print(f"  {backend_name}: n {n} recall@10 {rec:.4f} qps {qps:.0f} inserts/s {n / insert_s:.0f}", flush=True)
+        finally:
+            if server is not None:
+                server.cleanup()
+    return {"dataset": f"synthetic clustered 384-d unit vectors ({max(10, n // 500)} clusters, seed 3)",
+            "rows": rows}
+
+
+BACKENDS_RUN = ("sqlite", "postgres")
+
+
+def markdown_backends(b: dict) -> list[str]:
+    lines = ["", "## Memory backends side by side (edge profile HNSW settings, MemoryService.search k=10, 1 thread)", "",
+             f"Data: {b['dataset']}; recall@10 against exact inner-product search; QPS one query at a time "
+             f"({b['rows'][0]['queries'] if b['rows'] else 0} queries), including reading the hit rows.", "",
+             "| backend | N | M | efC | ef | recall@10 | QPS | inserts/s (batches of 1000) | index MB | store MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in b["rows"]:
+        lines.append(f"| {r['backend']} | {r['n']} | {r['M']} | {r['ef_construction']} | {r['ef_search']} | "
+                     f"{r['recall_at_10']:.4f} | {r['qps']:.0f} | {r['insert_per_s']:.0f} | "
+                     f"{r['index_bytes'] / 1e6:.1f} | {r['db_bytes'] / 1e6:.1f} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Memory benchmark ({report['timestamp']})", "",
              f"Machine: {report['machine']}; command: `{report['command']}`", "",
@@ -213,6 +297,9 @@ def markdown(report: dict) -> str:
     st = s["store"]
     lines.append(f"| store after the run | {st['nodes']} nodes, {st['edges']} edges, index ~{st['index_bytes'] / 1e6:.1f} MB, "
                  f"db {st['db_bytes'] / 1e6:.1f} MB |")
+    if "backends" in report:
+        lines += markdown_backends(report["backends"])
+        lines.append(f"\nBackends command: `{report['backends']['command']}`")
     return "\n".join(lines) + "\n"
 
 
@@ -223,7 +310,22 @@ def main() -> None:
     ap.add_argument("--inserts", type=int, default=10_000, help="vectors through the writeback queue")
     ap.add_argument("--texts", type=int, default=1000, help="texts embedded through the writeback queue")
     ap.add_argument("--datasets", default="minilm,synthetic")
+    ap.add_argument("--only", choices=("all", "backends"), default="all")
+    ap.add_argument("--backend-n", type=int, default=100_000, help="nodes per backend in the backend comparison")
+    ap.add_argument("--dsn", default=os.environ.get("RUVLLM_MEMORY_DSN"),
+                    help="PostgreSQL for the backend comparison (default: a pgserver started here)")
     args = ap.parse_args()
+    command = "python benches/memory.py " + " ".join(sys.argv[1:])
+    print(f"backends: {args.backend_n} nodes each, {args.queries} queries", flush=True)
+    backends = {**bench_backends(args.backend_n, args.queries, args.dsn), "command": command}
+    if args.only == "backends":  # merge into the last full run's results
+        report = json.loads((RESULTS / "memory.json").read_text())
+        report["backends"] = backends
+        (RESULTS / "memory.json").write_text(json.dumps(report, indent=2))
+        md = markdown(report)
+        (RESULTS / "memory.md").write_text(md)
+        print(md)
+        return
 
     profiles = {p: Config.load(ROOT / "configs" / f"{p}.toml").memory for p in ("edge", "server-cpu")}
     rows = []
@@ -246,6 +348,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "ann": rows,
         "service": service,
+        "backends": backends,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps(report, indent=2))

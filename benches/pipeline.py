@@ -20,6 +20,9 @@ with a full memory store, and peak resident memory, on the edge profile.
 * Overhead: Response.latency_ms["total"] minus its "generate" stage, i.e. embed, retrieve,
   route, attention, judge and writeback (and the gaps between them).
 * Peak RSS: resource.getrusage(RUSAGE_SELF).ru_maxrss of this process after the run.
+* Raw anchor (same run, after the pipeline levels, model closed): plain llama.cpp decoding B = 1, 2,
+  4, 8, 16 sequences together (tokens/s) and one prefill; from them the QPS raw llama.cpp allows
+  for each level's mean prompt/completion token counts, and pipeline QPS as a share of it.
 
 Targets are the seed's edge targets; every measurement is reported beside its target with
 pass/miss.  Prints a markdown table and writes benches/results/pipeline.{json,md}
@@ -53,8 +56,73 @@ from ruvllm_lab.errors import Overloaded  # noqa: E402
 
 TARGETS = {"p50_ms": 500.0, "p99_ms": 2000.0, "qps": 20.0, "peak_rss_mb": 4096.0}  # seed, edge (4 GB)
 STAGES = ["embed", "retrieve", "route", "attention", "generate", "judge", "writeback", "total"]
-DEFAULTS = {"memory_nodes": 100_000, "n_requests": 40, "concurrency": "1,2,4", "max_tokens": 16, "warmup": 3}
+DEFAULTS = {"memory_nodes": 100_000, "n_requests": 40, "concurrency": "1,2,4,8,16", "max_tokens": 16, "warmup": 3}
 QUICK = {"memory_nodes": 1000, "n_requests": 4, "concurrency": "1,2", "max_tokens": 4, "warmup": 1}
+RAW_BATCHES = (1, 2, 4, 8, 16)
+RAW_DECODE_STEPS = 48  # decode steps timed per batch size (after 4 untimed)
+RAW_PREFILL_TOKENS = 256  # prompt tokens per timed prefill
+
+
+def raw_llama_rates(tier: str, n_threads: int, batches=RAW_BATCHES, steps: int = RAW_DECODE_STEPS) -> dict:
+    """The physical anchor: plain llama.cpp (no pool, no Python sampling), greedy argmax in C order.
+
+    decode_tps[B]: tokens/s of B sequences decoded together, one token each per llama_decode.
+    prefill_tps: tokens/s of one RAW_PREFILL_TOKENS-token prompt in one llama_decode.
+    """
+    import llama_cpp
+    from llama_cpp._internals import LlamaContext, LlamaModel
+
+    from ruvllm_lab import models
+    from ruvllm_lab.inference.llama_cpp_backend import resolve_threads
+
+    threads = resolve_threads(n_threads)
+    model = LlamaModel(path_model=str(models.model_path(tier)), params=llama_cpp.llama_model_default_params(),
+                       verbose=False)
+    rates: dict = {"decode_tps": {}, "threads": threads}
+    prompt = model.tokenize(b"The history of the city begins with a small harbour on the river, where", True, False)
+    for b in batches:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = 1024 * b, 512, 512
+        params.n_seq_max, params.kv_unified = b, False
+        params.n_threads = params.n_threads_batch = threads
+        ctx = LlamaContext(model=model, params=params, verbose=False)
+        batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+        def decode(tokens_pos_seq_logits):
+            for i, (tok, pos, seq, out) in enumerate(tokens_pos_seq_logits):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, out
+                batch.seq_id[i][0] = seq
+            batch.n_tokens = len(tokens_pos_seq_logits)
+            assert llama_cpp.llama_decode(ctx.ctx, batch) == 0
+
+        for seq in range(b):  # the same short prompt in every sequence
+            decode([(t, i, seq, i == len(prompt) - 1) for i, t in enumerate(prompt)])
+        pos, token = len(prompt), 28  # any ordinary token id: decode cost does not depend on which
+        for step in range(4 + steps):
+            if step == 4:
+                t0 = time.perf_counter()
+            decode([(token, pos, seq, True) for seq in range(b)])
+            pos += 1
+        rates["decode_tps"][b] = b * steps / (time.perf_counter() - t0)
+        if b == 1:  # prefill rate: a fresh sequence, one long chunk
+            llama_cpp.llama_memory_seq_rm(ctx.memory, 0, -1, -1)
+            long_prompt = (prompt * (RAW_PREFILL_TOKENS // len(prompt) + 1))[:RAW_PREFILL_TOKENS]
+            t0 = time.perf_counter()
+            decode([(t, i, 0, i == len(long_prompt) - 1) for i, t in enumerate(long_prompt)])
+            rates["prefill_tps"] = len(long_prompt) / (time.perf_counter() - t0)
+        llama_cpp.llama_batch_free(batch)
+        ctx.close()
+    model.close()
+    return rates
+
+
+def raw_allowed_qps(clients: int, prompt_tokens: float, completion_tokens: float, rates: dict) -> float:
+    """Requests/s raw llama.cpp could serve for `clients` at once with these token counts: every prompt
+    prefilled in full (no prefix cache) at prefill_tps, then completion_tokens steps of a batch of
+    `clients` at decode_tps[clients] (the nearest measured batch size at or below it)."""
+    b = max(k for k in rates["decode_tps"] if k <= clients)
+    seconds = clients * prompt_tokens / rates["prefill_tps"] + clients * completion_tokens / rates["decode_tps"][b]
+    return clients / seconds
 
 
 def fill_store(cfg: Config, n: int) -> None:
@@ -159,6 +227,28 @@ def markdown(report: dict) -> str:
             f"{verdict(r['p50_ms'], TARGETS['p50_ms'])} | {r['p99_ms']:.0f} | {verdict(r['p99_ms'], TARGETS['p99_ms'])} | "
             f"{r['qps']:.2f} | {verdict(r['qps'], TARGETS['qps'], below=False)} | "
             f"{r['mean_prompt_tokens']:.0f} / {r['mean_completion_tokens']:.1f} |")
+    raw = report["raw_llama_cpp"]
+    lines += ["", f"## Against raw batched llama.cpp (same run, {raw['threads']} threads)", "",
+              f"Raw decode tokens/s by batch size B (B sequences, one token each per `llama_decode`, "
+              f"{RAW_DECODE_STEPS} steps); raw prefill {raw['prefill_tps']:.0f} tokens/s "
+              f"({RAW_PREFILL_TOKENS}-token prompt):", "",
+              "| B | " + " | ".join(str(b) for b in raw["decode_tps"]) + " |",
+              "|---|" + "---|" * len(raw["decode_tps"]),
+              "| tokens/s | " + " | ".join(f"{v:.0f}" for v in raw["decode_tps"].values()) + " |",
+              "| vs B=1 | " + " | ".join(f"{v / raw['decode_tps'][1]:.2f}x" for v in raw["decode_tps"].values()) + " |",
+              "", "Raw-allowed QPS for a level = requests/s raw llama.cpp serves with the level's mean token counts: "
+              "every prompt prefilled in full (no prefix cache), then the completion decoded in a batch of as many "
+              "sequences as clients.", "",
+              "| clients | pipeline QPS | raw-allowed QPS | pipeline / raw |", "|---|---|---|---|"]
+    for r in report["levels"]:
+        lines.append(f"| {r['concurrency']} | {r['qps']:.2f} | {r['raw_allowed_qps']:.2f} | {100 * r['qps_over_raw']:.0f} % |")
+    for tier, b in report.get("batching", {}).items():
+        lines += ["", f"Scheduler of {tier} over the whole run: {b['steps']} decode steps, {b['mean_sequences']:.2f} "
+                  f"sequences and {b['mean_tokens']:.1f} tokens per step on average, at most {b['peak_sequences']} "
+                  "sequences in one step."]
+    lines += ["", "## Issue 15 targets", "", "| target | measured | result |", "|---|---|---|"]
+    for row in issue_targets(report):
+        lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"## Orchestration overhead (total - generate), store of ~{s['memory_nodes']} nodes", "",
               "| clients | overhead P50 ms | overhead P99 ms | share of total (P50) | "
               + " | ".join(f"{st} P50 ms" for st in STAGES) + " |",
@@ -177,6 +267,27 @@ def markdown(report: dict) -> str:
               f"| first (cold) query | {mem['first_query_ms']:.0f} ms | | |",
               f"| store after the run | {mem['nodes_after']} nodes, {mem['edges_after']} edges | | |"]
     return "\n".join(lines) + "\n"
+
+
+def issue_targets(report: dict) -> list[tuple[str, str, str]]:
+    """The 'done when' lines of issue 15 that this run measures: (target, measured, pass/miss)."""
+    by = {r["concurrency"]: r for r in report["levels"]}
+    rows = []
+    qps = [r["qps"] for r in report["levels"]]
+    rows.append(("QPS never falls as clients are added", " -> ".join(f"{q:.2f}" for q in qps),
+                 "pass" if all(b >= a for a, b in zip(qps, qps[1:])) else "miss"))
+    if 1 in by and 8 in by:
+        ratio = by[8]["qps"] / by[1]["qps"]
+        rows.append(("QPS at 8 clients >= 1.5x QPS at 1", f"{ratio:.2f}x", verdict(ratio, 1.5, below=False)))
+    if 1 in by:
+        rows.append(("P50 at 1 client <= 300 ms", f"{by[1]['p50_ms']:.0f} ms", verdict(by[1]["p50_ms"], 300.0001)))
+        rows.append(("P99 at 1 client <= 1 s", f"{by[1]['p99_ms']:.0f} ms", verdict(by[1]["p99_ms"], 1000.0001)))
+        rows.append(("orchestration overhead P50 <= 8 ms (1 client)", f"{by[1]['overhead_p50_ms']:.1f} ms",
+                     verdict(by[1]["overhead_p50_ms"], 8.0001)))
+    if 8 in by:
+        rows.append(("pipeline QPS at 8 clients >= 70 % of raw batched decode", f"{100 * by[8]['qps_over_raw']:.0f} %",
+                     verdict(by[8]["qps_over_raw"], 0.7, below=False)))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,7 +345,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {c} clients: P50 {r['p50_ms']:.0f} ms, P99 {r['p99_ms']:.0f} ms, {r['qps']:.2f} QPS, "
                       f"overhead P50 {r['overhead_p50_ms']:.1f} ms, rejected {r['rejected']}", flush=True)
             nodes_after, edges_after = llm.memory.count(), llm.memory.stats()["edges"]
+            batching = {t: b.batch_stats() for t, b in llm.pool._resident.items() if hasattr(b, "batch_stats")}
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print("measuring raw batched llama.cpp decode ...", flush=True)
+    raw = raw_llama_rates(cfg.inference.models[0], cfg.inference.n_threads)
+    for r in results:
+        r["raw_allowed_qps"] = raw_allowed_qps(r["concurrency"], r["mean_prompt_tokens"], r["mean_completion_tokens"], raw)
+        r["qps_over_raw"] = r["qps"] / r["raw_allowed_qps"]
 
     report = {
         "meta": {**started, "git_commit": git_commit(), "command": " ".join(["python benches/pipeline.py", *argv])},
@@ -248,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         "memory": {"peak_rss_mb": peak_rss_mb, "fill_s": fill_s, "open_s": open_s, "first_query_ms": warmup_ms[0],
                    "nodes_after": nodes_after, "edges_after": edges_after},
         "levels": results,
+        "raw_llama_cpp": raw,
+        "batching": batching,
     }
     md = markdown(report)
     print(md)

@@ -5,7 +5,9 @@ Measures, on this machine:
     through the plain-numpy path, and the full ``route()`` call (featurise + network + decision
     rules) with each backend;
   * model size (parameters, non-zeros, KB float32 / int8) after three-phase training at
-    sparsity 0, 0.9 and 0.95, with training accuracy on the synthetic task;
+    sparsity 0, 0.9 and 0.95, with held-out accuracy on the synthetic task; sizes follow EdgeML
+    (``router.train.edgeml_size_bytes``: a sparse cell matrix is charged value + index per
+    non-zero, every other tensor dense);
   * graph-attention ranking latency on 50-node subgraphs (similarity default and trained GATv2).
 
 Target: decision p50 <= 50 µs.  Prints a markdown table and writes
@@ -199,7 +201,9 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {s['sparsity']:.2f} | {s['param_count']} | {s['nonzeros']} | {s['size_kb_float32']:.2f} | "
                      f"{s['size_kb_int8']:.2f} | {s['size_kb_float32_dense']:.2f} | {s['cell_matrix_sparsity']:.3f} | "
                      f"{s['held_out_accuracy']:.3f} |")
-    lines += ["", "KB counts non-zero values only (EdgeML's convention); int8 adds one float32 scale per tensor.", "",
+    lines += ["", "KB = 1024 bytes, EdgeML's convention (`utils.estimateNNZ`): a cell matrix below density 0.5 is "
+              "stored sparse at value + index per non-zero (float32: 4 + 4 bytes; int8: 1 + 2 bytes), every other "
+              "tensor dense; int8 adds one float32 scale per tensor.", "",
               f"## Graph-attention ranking, 50-node subgraphs (heads {r['attention_config']['heads']}, hidden "
               f"{r['attention_config']['hidden_dim']}, concat {r['attention_config']['concat_heads']})", "",
               "| method | p50 µs | p99 µs | mean µs | calls |", "|---|---:|---:|---:|---:|"]

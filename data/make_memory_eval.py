@@ -2,7 +2,8 @@
 
 Hand-written capitals, science, code and general questions (none of them in knowledge.jsonl),
 plus arithmetic drawn from random.Random(11).  Each row: id, family, split, question,
-paraphrases (two), answer, aliases, match.  ``split`` = "calib" for every third item (used only to
+paraphrases (two), answer, aliases, match, siblings (the same template with another slot
+filler: a hard negative for the relevance gate, never asked).  ``split`` = "calib" for every third item (used only to
 calibrate the relevance gate, ``ruvllm calibrate-relevance``) and "eval" for the rest (used by the
 memory ablation and the retrieval bench), so the gate is never tuned on the questions it is scored on.
 
@@ -93,6 +94,32 @@ FIXED = [
 ]
 
 
+# Hard negatives: the same template with another slot filler (the relevance gate must refuse these).
+SIBLINGS = {
+    "What is the chemical symbol for calcium?": "What is the chemical symbol for sodium?",
+    "How many legs does a spider have?": "How many legs does an ant have?",
+    "How many sides does a hexagon have?": "How many sides does an octagon have?",
+    "What colour do you get by mixing blue and yellow?": "What colour do you get by mixing red and white?",
+    "How many seconds are in a minute?": "How many minutes are in an hour?",
+    "What organ pumps blood through the human body?": "What organ filters blood in the human body?",
+    "Which keyword defines a function in Python?": "Which keyword defines a class in Python?",
+    "What does HTML stand for?": "What does CSS stand for?",
+    "What is the largest organ of the human body?": "What is the smallest bone of the human body?",
+    "How many strings does a standard guitar have?": "How many strings does a violin have?",
+    "What is the freezing point of water in degrees Fahrenheit?":
+        "What is the boiling point of water in degrees Fahrenheit?",
+    "How many chromosomes does a human cell normally have?": "How many chromosomes does a dog cell normally have?",
+    "What gas do humans need to breathe to stay alive?": "What gas do plants need to make sugar?",
+    "How many days are there in a leap year?": "How many days are there in a week?",
+    "In Python, what does len([1, 2, 3]) return?": "In Python, what does sum([1, 2, 3]) return?",
+    "What does SQL stand for?": "What does XML stand for?",
+    "How many centimetres are in a metre?": "How many millimetres are in a metre?",
+    "Who wrote Romeo and Juliet?": "Who wrote Pride and Prejudice?",
+    "What is the default port number of HTTP?": "What is the default port number of HTTPS?",
+    "In Python, what is the type of the value 3.5?": "In Python, what is the type of the value 'abc'?",
+}
+
+
 def arithmetic(rng: random.Random, n: int) -> list[tuple]:
     rows = []
     for _ in range(n):
@@ -122,7 +149,8 @@ def main() -> None:
             fh.write(json.dumps({"id": f"{family}-{i:03d}", "family": family,
                                  "split": "calib" if i % 3 == 0 else "eval", "question": q,
                                  "paraphrases": [p1, p2], "answer": answer, "aliases": aliases,
-                                 "match": match}, ensure_ascii=False) + "\n")
+                                 "match": match, "siblings": [SIBLINGS[q]] if q in SIBLINGS else []},
+                                ensure_ascii=False) + "\n")
     print(f"wrote {len(rows)} items to {out}")
 
 

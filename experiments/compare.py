@@ -1,144 +1,98 @@
-"""Load runs from MLflow into a DataFrame and compare: router against router, EWC against naive.
+"""Compare MLflow runs of the routing, forgetting and compression experiments: n, mean, 95 % CI, diff vs baseline.
 
-    python experiments/compare.py --experiment ruvllm-routing-sweep
-    python experiments/compare.py --experiment ruvllm-forgetting-sweep --out notebooks/out/compare
+    python experiments/compare.py                                    # the three sweep experiments that exist
+    python experiments/compare.py --experiment ruvllm-forgetting-sweep --metric forgetting
+    python experiments/compare.py --experiment ruvllm-routing-sweep --baseline routing=always-smallest
 
-Metrics named ``<name>/<metric>`` (how the experiments log them: ``fastgrnn/apgr``,
-``ewc_replay/forgetting``) are reshaped to one row per (run, name) with a column per metric;
-the tables are averaged over runs (mean and std) and plotted.  Routing runs are recognised
-by ``exp.experiment = routing``, forgetting runs by ``forgetting``.
+Runs are grouped by the grid's parameters (every parameter that varies across runs, seeds
+excepted); each configuration shows n (replicates: the seeds of its runs, from each run's
+per-seed table), the mean and a Student-t 95 % CI, and the difference against the baseline
+(router - always-largest, method - naive, compressed - uncompressed ``flat`` by default)
+paired by (run, seed), with its own t interval.  The logic is
+``ruvllm_lab.experiments.results`` (its docstring states the statistics); this script prints one
+narrow table per metric and writes them as CSV with one error-bar figure per metric to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-import pandas as pd
+from ruvllm_lab.experiments import results as R
 
 ROOT = Path(__file__).resolve().parent.parent
-ROUTING_METRICS = ("quality", "cost", "latency_ms", "cost_reduction", "apgr", "cpt50", "cpt80",
-                   "cost_reduction_matched", "oracle_agreement")
-FORGETTING_METRICS = ("average_accuracy", "forgetting", "backward_transfer", "forgetting_per_10k_updates")
 
 
-def load_runs(experiment: str, tracking_uri: str | None = None) -> pd.DataFrame:
-    """Every finished run of ``experiment``: columns run_id, run_name, params.*, metrics.*."""
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns' / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = [e.name for e in client.search_experiments()]
-        raise SystemExit(f"no MLflow experiment {experiment!r} at {uri}; known: {', '.join(names) or 'none'}")
-    rows = []
-    for run in client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
-                                  max_results=10_000):
-        row = {"run_id": run.info.run_id, "run_name": run.info.run_name}
-        row.update({f"params.{k}": v for k, v in run.data.params.items()})
-        row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-        rows.append(row)
-    return pd.DataFrame(rows)
+def _markdown(df) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
 
 
-def long_table(runs: pd.DataFrame, metric_names: tuple[str, ...], param_cols: tuple[str, ...] = ()) -> pd.DataFrame:
-    """One row per (run, name) for metrics ``metrics.<name>/<metric>`` with metric in ``metric_names``."""
-    records = []
-    for _, run in runs.iterrows():
-        per_name: dict[str, dict] = {}
-        for col, value in run.items():
-            if not col.startswith("metrics.") or pd.isna(value):
-                continue
-            name, _, metric = col[len("metrics."):].rpartition("/")
-            if name and metric in metric_names:
-                per_name.setdefault(name, {})[metric] = value
-        for name, values in per_name.items():
-            rec = {"run_id": run["run_id"], "name": name, **values}
-            for p in param_cols:
-                rec[p] = run.get(f"params.{p}")
-            records.append(rec)
-    return pd.DataFrame(records)
+def compare(experiments: list[str], out: Path | None = None, tracking_uri: str | None = None,
+            baselines: dict[str, str] | None = None, metrics: list[str] | None = None,
+            by: list[str] | None = None, quiet: bool = False) -> dict[str, R.Comparison]:
+    """Load, compare and (with ``out``) write ``<kind>_<metric>.csv|png``; returns the comparisons."""
+    found, missing = [], []
+    for name in experiments:
+        try:
+            found.append(R.load_runs(name, tracking_uri))
+        except KeyError as e:
+            missing.append(str(e.args[0]))
+    if not found:
+        raise SystemExit("\n".join(missing) or "no experiments given")
+    import pandas as pd
 
-
-def summarise(long: pd.DataFrame, by: list[str], metric_names: tuple[str, ...]) -> pd.DataFrame:
-    present = [m for m in metric_names if m in long]
-    agg = long.groupby(by)[present].agg(["mean", "std", "count"])
-    agg.columns = [f"{m}_{s}" for m, s in agg.columns]
-    return agg.reset_index()
-
-
-def plot_bars(table: pd.DataFrame, label: str, metrics: list[str], title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        if f"{m}_mean" not in table:
-            ax.set_visible(False)
-            continue
-        ax.bar(table[label].astype(str), table[f"{m}_mean"], yerr=table[f"{m}_std"].fillna(0), capsize=3)
-        ax.set_title(m, fontsize=9)
-        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-        ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def compare(experiment: str, out: Path, tracking_uri: str | None = None) -> dict[str, pd.DataFrame]:
-    runs = load_runs(experiment, tracking_uri)
-    if runs.empty:
-        raise SystemExit(f"experiment {experiment!r} has no finished runs")
-    out.mkdir(parents=True, exist_ok=True)
-    kinds = set(runs.get("params.exp.experiment", pd.Series(dtype=str)).dropna())
-    tables = {}
-    if "routing" in kinds:
-        long = long_table(runs[runs["params.exp.experiment"] == "routing"], ROUTING_METRICS, ("exp.n_queries",))
-        long = long[~long["name"].str.startswith("tier")]
-        table = summarise(long, ["name"], ROUTING_METRICS).rename(columns={"name": "router"})
-        tables["routers"] = table.sort_values("apgr_mean", ascending=False) if "apgr_mean" in table else table
-        plot_bars(tables["routers"], "router", ["quality", "cost_reduction", "apgr", "oracle_agreement"],
-                  f"routers over {long['run_id'].nunique()} run(s) of {experiment}").savefig(out / "routers.png", dpi=120)
-    if "forgetting" in kinds:
-        long = long_table(runs[runs["params.exp.experiment"] == "forgetting"], FORGETTING_METRICS,
-                          ("exp.ewc_lambda", "exp.buffer_size"))
-        table = summarise(long, ["name", "exp.ewc_lambda", "exp.buffer_size"], FORGETTING_METRICS)
-        tables["methods"] = table.rename(columns={"name": "method"})
-        by_method = summarise(long, ["name"], FORGETTING_METRICS).rename(columns={"name": "method"})
-        plot_bars(by_method, "method", ["average_accuracy", "forgetting", "forgetting_per_10k_updates"],
-                  f"EWC / replay vs naive over {long['run_id'].nunique()} run(s)").savefig(out / "methods.png", dpi=120)
-    if not tables:
-        raise SystemExit(f"experiment {experiment!r}: no routing or forgetting runs (exp.experiment params: {kinds})")
-    for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False)
-    return tables
+    runs = pd.concat(found, ignore_index=True)
+    comparisons = R.compare_runs(runs, baselines, {k: by for k in R.KINDS} if by else None,
+                                 per_seed=R.load_per_seed(runs, tracking_uri))
+    if not comparisons:
+        raise SystemExit(f"no finished routing, forgetting or compression runs in {', '.join(experiments)}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for kind, cmp in comparisons.items():
+        shown = [m for m in (metrics or R.KINDS[kind].metrics) if m in cmp.metrics]
+        if not quiet:
+            axes = ", ".join(cmp.axes) or "none (one configuration)"
+            print(f"\n## {kind}: {cmp.n_runs} run(s); configurations by {axes}; baseline {cmp.baseline!r}; "
+                  f"CI: {R.CI_METHOD}")
+        for metric in shown:
+            table = cmp.table(metric)
+            if not quiet:
+                print(f"\n### {metric}\n")
+                print(_markdown(table))
+            if out is not None:
+                table.to_csv(out / f"{kind}_{metric}.csv", index=False)
+                cmp.plot(metric).savefig(out / f"{kind}_{metric}.png", dpi=120, bbox_inches="tight")
+    for m in missing:
+        print(f"(skipped: {m})", file=sys.stderr)
+    if out is not None and not quiet:
+        print(f"\nCSV and figures in {out}")
+    return comparisons
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--experiment", required=True, help="MLflow experiment name")
+    ap.add_argument("--experiment", action="append", default=None,
+                    help=f"MLflow experiment name (repeatable; default: {', '.join(R.DEFAULT_EXPERIMENTS)})")
     ap.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
-    ap.add_argument("--out", default=str(ROOT / "notebooks" / "out" / "compare"))
+    ap.add_argument("--baseline", action="append", default=[], metavar="KIND=NAME",
+                    help="e.g. routing=always-smallest, forgetting=ewc (defaults: "
+                         + ", ".join(f"{k}={v.baseline}" for k, v in R.KINDS.items()) + ")")
+    ap.add_argument("--metric", action="append", default=None, help="metric to show (repeatable; default: a few per kind)")
+    ap.add_argument("--by", action="append", default=None, help="group by these params instead of the detected grid axes")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "compare"), help="CSV and figures (default: runs/compare)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    tables = compare(args.experiment, out, args.tracking_uri)
-    for name, table in tables.items():
-        cols = [c for c in table.columns if not c.endswith("_count")]
-        print(f"\n## {name}\n")
-        print(table[cols].to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table[cols].to_string())
-    print(f"\nfigures and CSV in {out}")
+    baselines = {}
+    for item in args.baseline:
+        kind, sep, name = item.partition("=")
+        if not sep or kind not in R.KINDS:
+            ap.error(f"--baseline {item!r}: expected KIND=NAME with KIND one of {', '.join(R.KINDS)}")
+        baselines[kind] = name
+    compare(args.experiment or list(R.DEFAULT_EXPERIMENTS), Path(args.out), args.tracking_uri, baselines,
+            args.metric, args.by)
     return 0
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

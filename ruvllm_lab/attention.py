@@ -228,6 +228,16 @@ class GraphAttentionEngine:
         return {"examples": len(examples), "epochs": epochs, "steps": self.steps,
                 "loss_first_epoch": epoch_losses[0], "loss_last_epoch": epoch_losses[-1]}
 
+    def adopt(self, trained_copy: "GraphAttentionEngine") -> None:
+        """Serve the network of `trained_copy` (a deep copy of this engine that was trained while
+        this one kept serving): one reference swap per attribute, so a query ranking meanwhile
+        uses the old or the new network whole, never a network in train mode or mid-update."""
+        if trained_copy.dim != self.dim:
+            raise DimensionMismatch(f"cannot adopt an attention engine of dimension {trained_copy.dim} into {self.dim}")
+        self.net, self._optimizer = trained_copy.net, trained_copy._optimizer
+        self.steps = trained_copy.steps
+        self.trained = trained_copy.trained
+
     # ---- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"net": {k: v.detach().clone() for k, v in self.net.state_dict().items()},

@@ -1,4 +1,5 @@
-"""`ruvllm` command line: validate, init, models, version, serve, query, backup, restore, compress, bench."""
+"""`ruvllm` command line: validate, init, models, version, serve, query, backup, restore, compress,
+calibrate-relevance, bench."""
 from __future__ import annotations
 
 import argparse
@@ -16,19 +17,40 @@ def _load(args) -> Config:
 
 
 def cmd_validate(args) -> int:
-    cfg = _load(args)
-    print(f"{args.config}: ok ({cfg.system.device_class}, tiers: {', '.join(cfg.inference.models)})")
+    cfg = _load(args)  # keys, values and tiers (against the model ladder); ConfigError lists every problem
+    _check_router_kind(cfg)
+    print(f"{args.config}: ok ({cfg.system.device_class}, tiers: {', '.join(cfg.inference.models)}, "
+          f"router: {cfg.router.kind})")
     return 0
+
+
+def _check_router_kind(cfg: Config) -> None:
+    """router.kind names a registered router, always-<configured tier>, or an importable package.module:Class."""
+    import difflib
+
+    from .router import ROUTERS
+    from .router.base import resolve_router_class
+    kind, tiers = cfg.router.kind, list(cfg.inference.models)
+    if kind in ROUTERS or (kind.startswith("always-") and kind[len("always-"):] in tiers):
+        return
+    if ":" in kind:
+        resolve_router_class(kind)  # raises ConfigError saying why it cannot be imported
+        return
+    names = list(ROUTERS) + [f"always-{t}" for t in tiers]
+    near = difflib.get_close_matches(kind, names, n=1)
+    raise ConfigError([f"router.kind = {kind!r}: unknown router{f'; did you mean {near[0]!r}?' if near else ''} "
+                       f"known: {', '.join(names)} (or package.module:Class)"])
 
 
 def cmd_init(args) -> int:
     from .memory import MemoryService
     cfg = _load(args)
-    existed = Path(cfg.memory.db_path).exists()
+    existed = cfg.memory.backend != "sqlite" or Path(cfg.memory.db_path).exists()
     store = MemoryService(cfg.memory, dimension=cfg.embedding.dimension)
     n = store.count()
+    where = store.backend.location
     store.close()
-    print(f"memory store {'opened' if existed else 'created'}: {cfg.memory.db_path} ({n} nodes, dim {cfg.embedding.dimension})")
+    print(f"memory store {'opened' if existed else 'created'}: {where} ({n} nodes, dim {cfg.embedding.dimension})")
     return 0
 
 
@@ -116,6 +138,28 @@ def cmd_bench(args) -> int:
     return runpy.run_path(str(script))["main"](argv + getattr(args, "bench_args", []))
 
 
+def cmd_calibrate_relevance(args) -> int:
+    """Calibrate retrieval.relevance_threshold for the profile's embedding model (calib split)."""
+    from .embedding import EmbeddingService
+    from .inference import InferencePool
+    from .relevance import calibrate
+    cfg = _load(args)
+    pool = InferencePool(cfg.inference, cfg.system) if cfg.embedding.model == "llm-encoder" else None
+    try:
+        result = calibrate(EmbeddingService(cfg.embedding, pool=pool).embed, args.max_false_positive_rate)
+    finally:
+        if pool is not None:
+            pool.close()
+    model = cfg.embedding.model + (f"-{cfg.embedding.encoder_tier}" if cfg.embedding.model == "llm-encoder" else "")
+    out = Path(args.out_dir) / f"{model}-{cfg.embedding.dimension}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"embedding": model, "dimension": cfg.embedding.dimension, **result}, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"\nwrote {out}; put in the profile:\n[retrieval]\nrelevance_threshold = {result['threshold']:.4f}\n"
+          f'calibration = "{out}"')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ruvllm", description="RuvLLM lab command line")
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("restore", cmd_restore, "restore a backup made by `ruvllm backup`")
     sp.add_argument("dir")
     add("compress", cmd_compress, "summarise memory clusters into concept nodes")
+    sp = add("calibrate-relevance", cmd_calibrate_relevance,
+             "calibrate retrieval.relevance_threshold for the profile's embedding model")
+    sp.add_argument("--max-false-positive-rate", type=float, default=0.01,
+                    help="share of unrelated question pairs allowed through (default 0.01)")
+    sp.add_argument("--out-dir", default="configs/calibration")
     sp = add("bench", cmd_bench, "end-to-end pipeline benchmark (benches/pipeline.py)", config_required=False)
     sp.epilog = ("Other options go to benches/pipeline.py (see its --help): --quick, --memory-nodes, --n-requests, "
                  "--concurrency, --max-tokens, --warmup, --out.")

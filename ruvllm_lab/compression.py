@@ -35,7 +35,30 @@ again, so running compression twice does not duplicate concepts.
 
 ``CompressionReport`` gives nodes and index bytes before/after, recall@k of answer-bearing
 nodes before/after (directly, and through a concept whose members contain one), and
-summary faithfulness.
+summary faithfulness.  With ``pool=None`` no model is asked: a concept's text is its key
+terms alone (an extractive summary), which separates retrieval from the LLM.
+
+Retrieval over the tree (``TreeRetriever``), always into one fixed token budget ``B``
+(tokens of the embedder's tokenizer; RAPTOR counts tiktoken tokens).  Nodes are taken in
+rank order while they fit; the first that does not fit ends the context (RAPTOR's rule):
+
+* ``descent`` -- RAPTOR's tree traversal, adapted to archived members and a budget: an HNSW
+  search over the *indexed* nodes (top-level concepts and unclustered leaves) returns the start
+  layer; the ``beam`` best concepts of a layer are expanded (every child scored exactly against
+  the query) and the ``beam`` best child concepts form the next layer, down to the leaves.  All
+  leaves reached (and leaves hit directly) are ranked by cosine and fill the budget; concept
+  summaries route but are not put in the context (RAPTOR's traversal also adds them; here they
+  would spend the budget on key-term lists).  On an uncompressed memory this is plain top-k.
+* ``collapsed`` -- RAPTOR's collapsed tree: leaves (archived ones too) and concept summaries of
+  every level are ranked together by cosine and fill the budget, summaries included.  RAPTOR
+  scores every node exactly; here the flattened set is searched with an HNSW index built with
+  the memory's settings, so its cost is comparable with ``descent`` (an exact scan would cost
+  one score per node).
+
+``vectors_scored`` is the retrieval cost: HNSW distance evaluations (faiss' ``hnsw_stats.ndis``)
+plus every child scored during descent.  ``storage_bytes`` is what the store occupies: the
+SQLite file after ``VACUUM`` (archived rows, concepts and edges included) plus the serialised
+faiss index (tombstoned vectors included, as HNSW keeps them until a rebuild).
 """
 from __future__ import annotations
 
@@ -263,13 +286,14 @@ def compress_memory(memory: Any, pool: Any, config: CompressionConfig, *, tier: 
                     seed: int = 0) -> CompressionReport:
     """Build the concept hierarchy in `memory` (see the module docstring); returns the report.
 
+    ``pool=None``: extractive summaries (key terms only, no model).
     ``eval_queries``: (query text or vector, ids of the nodes that hold its answer) pairs for
     the recall@k measurement.  ``embedder`` embeds summaries (and text queries when the
     memory has no embedder of its own); default: ``memory.embedder``.
     """
     t0 = time.perf_counter()
     embedder = embedder if embedder is not None else getattr(memory, "embedder", None)
-    tier = tier or config.tier or pool.tiers[0]
+    tier = tier or config.tier or (pool.tiers[0] if pool is not None else "extractive")
     stats0 = memory.stats()
     recall_before = _recall(memory, eval_queries, recall_k, embedder)
 
@@ -302,11 +326,15 @@ def compress_memory(memory: Any, pool: Any, config: CompressionConfig, *, tier: 
             # the members nearest the centroid go into the prompt first
             order = idx[np.argsort(-(vectors[idx] @ centroid))][:MAX_MEMBERS_IN_PROMPT]
             notes = "\n".join(f"- {texts[i][:MAX_MEMBER_CHARS].strip()}" for i in order)
-            gen = pool.generate(tier, [{"role": "user", "content": SUMMARY_PROMPT.format(notes=notes)}],
-                                max_tokens=config.summary_max_tokens, temperature=0.0)
-            subject = parse_subject(gen.text)
             terms = keywords.get(c, [])
-            text = summary_text(subject, terms[:TFIDF_TERMS])
+            if pool is None:  # extractive: the key terms are the whole summary
+                reply, subject = "", ""
+                text = f"Key terms: {', '.join(terms[:TFIDF_TERMS])}"
+            else:
+                reply = pool.generate(tier, [{"role": "user", "content": SUMMARY_PROMPT.format(notes=notes)}],
+                                      max_tokens=config.summary_max_tokens, temperature=0.0).text
+                subject = parse_subject(reply)
+                text = summary_text(subject, terms[:TFIDF_TERMS])
             vec = centroid
             if embedder is not None:
                 vec = _normalise(_normalise(embedder.embed_one(text)) + centroid)
@@ -320,8 +348,8 @@ def compress_memory(memory: Any, pool: Any, config: CompressionConfig, *, tier: 
             for mid in member_ids:
                 reach |= members_of.get(mid, set())
             members_of[concept_id] = reach
-            faith = faithfulness(gen.text, terms[:FAITHFULNESS_TERMS])
-            report.concepts.append(ConceptSummary(concept_id, level, member_ids, subject, gen.text,
+            faith = faithfulness(reply, terms[:FAITHFULNESS_TERMS]) if pool is not None else float("nan")
+            report.concepts.append(ConceptSummary(concept_id, level, member_ids, subject, reply,
                                                   terms[:TFIDF_TERMS], text, faith))
             if config.archive_members:
                 memory.archive(member_ids)
@@ -343,6 +371,151 @@ def compress_memory(memory: Any, pool: Any, config: CompressionConfig, *, tier: 
     report.mean_faithfulness = float(np.mean(faiths)) if faiths else None
     report.duration_s = time.perf_counter() - t0
     return report
+
+
+# ---- retrieval over the concept tree (module docstring) ----------------------------------------------------
+RETRIEVAL_MODES = ("descent", "collapsed")
+
+
+@dataclass
+class Retrieval:
+    node_ids: list[int]  # nodes whose text is in the context, in context order
+    texts: list[str]
+    tokens: int  # context tokens, <= the budget
+    vectors_scored: int  # HNSW distance evaluations + exact scores during descent
+
+
+def concept_children(memory: Any) -> dict[int, list[int]]:
+    """Concept id -> its direct members (``member_of`` edges, member -> concept)."""
+    children: dict[int, list[int]] = {}
+    for e in memory.edges():
+        if e.type == "member_of":
+            children.setdefault(int(e.dst), []).append(int(e.src))
+    return {c: sorted(m) for c, m in children.items()}
+
+
+def _hnsw_search(index: Any, qvec: np.ndarray, k: int) -> tuple[list[tuple[float, int]], int]:
+    """(score, id) pairs of a VectorIndex search and the distance evaluations it made."""
+    import faiss
+
+    stats = faiss.cvar.hnsw_stats
+    stats.reset()
+    scores, ids = index.search(qvec[None, :], min(k, len(index)))
+    return [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0], int(stats.ndis)
+
+
+def fill_budget(ranked: Sequence[tuple[int, str]], budget: int, count_tokens: Any) -> tuple[list[int], list[str], int]:
+    """RAPTOR's rule: take (id, text) in rank order while the running token total stays within
+    ``budget``; the first node that does not fit ends the context."""
+    ids, texts, total = [], [], 0
+    for nid, text in ranked:
+        n = count_tokens(text)
+        if total + n > budget:
+            break
+        ids.append(nid)
+        texts.append(text)
+        total += n
+    return ids, texts, total
+
+
+class TreeRetriever:
+    """Budgeted retrieval from a memory with (or without) a concept tree; see the module docstring.
+
+    ``count_tokens(text) -> int`` defines the budget's unit (``EmbeddingService.count_tokens``).
+    The first search asks for ``floor(budget / shortest node) + 1`` hits: no more nodes can fit.
+    """
+
+    def __init__(self, memory: Any, count_tokens: Any, budget: int, beam: int = 2):
+        if budget < 1 or beam < 1:
+            raise ValueError(f"budget ({budget}) and beam ({beam}) must be >= 1")
+        self.memory, self.budget, self.beam = memory, int(budget), int(beam)
+        self.children = concept_children(memory)
+        nodes = memory.nodes(include_archived=True)
+        self.text = {n.id: n.text for n in nodes}
+        self._tokens: dict[str, int] = {}
+        self._count = count_tokens
+        shortest = min((self.count_tokens(t) for t in self.text.values()), default=1)
+        self.k_fetch = self.budget // max(1, shortest) + 1
+        self._collapsed: Any = None
+
+    def count_tokens(self, text: str) -> int:
+        if text not in self._tokens:
+            self._tokens[text] = int(self._count(text))
+        return self._tokens[text]
+
+    def __call__(self, qvec: np.ndarray, mode: str = "descent") -> Retrieval:
+        if mode == "descent":
+            return self.descent(qvec)
+        if mode == "collapsed":
+            return self.collapsed(qvec)
+        raise ValueError(f"retrieval mode {mode!r}: allowed values are {', '.join(RETRIEVAL_MODES)}")
+
+    def descent(self, qvec: np.ndarray) -> Retrieval:
+        qvec = _normalise(qvec)
+        with self.memory._lock:  # the search reads the live index; hnsw_stats is process-global
+            hits, scored = _hnsw_search(self.memory.index, qvec, self.k_fetch)
+        leaves: dict[int, float] = {}
+        layer: list[tuple[float, int]] = []
+        for score, nid in hits:
+            if nid in self.children:
+                layer.append((score, nid))
+            else:
+                leaves[nid] = score
+        while layer:
+            layer.sort(key=lambda p: (-p[0], p[1]))
+            nxt = []
+            for _, cid in layer[:self.beam]:
+                kids = self.children[cid]
+                sims = self.memory.store.vectors(kids) @ qvec
+                scored += len(kids)
+                for kid, sim in zip(kids, sims):
+                    if kid in self.children:
+                        nxt.append((float(sim), kid))
+                    else:
+                        leaves[kid] = max(leaves.get(kid, -np.inf), float(sim))
+            layer = nxt
+        ranked = sorted(leaves, key=lambda i: (-leaves[i], i))
+        ids, texts, total = fill_budget([(i, self.text[i]) for i in ranked], self.budget, self.count_tokens)
+        return Retrieval(ids, texts, total, scored)
+
+    def collapsed_index(self) -> Any:
+        """HNSW index over every node of the tree (leaves, archived ones too, and concepts)."""
+        if self._collapsed is None:
+            from .memory.vectors import VectorIndex
+
+            c = self.memory.config
+            ids = np.asarray(sorted(self.text), np.int64)
+            index = VectorIndex(self.memory.dimension, c.hnsw_m, c.hnsw_ef_construction, c.hnsw_ef_search)
+            index.add(ids, self.memory.store.vectors(ids.tolist()))
+            self._collapsed = index
+        return self._collapsed
+
+    def collapsed(self, qvec: np.ndarray) -> Retrieval:
+        hits, scored = _hnsw_search(self.collapsed_index(), _normalise(qvec), self.k_fetch)
+        ids, texts, total = fill_budget([(i, self.text[i]) for _, i in hits], self.budget, self.count_tokens)
+        return Retrieval(ids, texts, total, scored)
+
+
+def index_bytes(index: Any) -> int:
+    """Serialised size of a VectorIndex (vectors, ids and HNSW links; tombstones included)."""
+    import faiss
+
+    return int(faiss.serialize_index(index.index).size)
+
+
+def storage_bytes(memory: Any) -> dict[str, int]:
+    """What the store occupies: SQLite file bytes after a WAL checkpoint and ``VACUUM`` (every row,
+    archived ones included, and the edges) and the serialised faiss index."""
+    with memory._lock:
+        conn = memory.store.conn
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db = memory.store.path.stat().st_size
+        wal = memory.store.path.with_name(memory.store.path.name + "-wal")
+        db += wal.stat().st_size if wal.exists() else 0
+        idx = index_bytes(memory.index)
+    return {"db_bytes": int(db), "index_bytes": idx, "storage_bytes": int(db) + idx}
 
 
 def compress_store(config: Config) -> dict[str, Any]:

@@ -44,8 +44,12 @@ class SystemConfig:
     max_memory_mb: int = _f(2048, min=64, doc="memory budget for loaded models (MB)")
     max_concurrent_requests: int = _f(2, min=1)
     data_dir: str = _f("data/runtime", doc="router weights, EWC state, replay buffer live here")
+    cache_dir: str = _f("~/.cache/ruvllm_lab", doc="experiment caches (the routing outcome matrix under "
+                                                   "outcomes/), outside the source tree; '~' is expanded")
     seed: int = _f(0, min=0)
     log_level: str = _f("info", choices=("debug", "info", "warning", "error"))
+    backup_key_env: str = _f("RUVLLM_BACKUP_KEY", doc="env var holding the HMAC-SHA256 key that signs backup "
+                                                      "manifests; when set, restore refuses unsigned backups")
 
 
 @dataclass
@@ -58,11 +62,20 @@ class EmbeddingConfig:
     projection: str = _f("orthogonal", choices=("orthogonal", "pca"),
                          doc="how a backend vector is mapped to `dimension` when sizes differ")
     cache_size: int = _f(10_000, min=0)
+    threads: int = _f(1, min=0, doc="torch intra-op threads of the MiniLM encoder (process-wide); 1 leaves the other "
+                                    "cores to llama.cpp's decode steps, which run at the same time; 0 = torch default")
 
 
 @dataclass
 class MemoryConfig:
-    db_path: str = _f("data/runtime/memory.db")
+    backend: str = _f("sqlite", choices=("sqlite", "postgres"),
+                      doc="sqlite: embedded SQLite graph + faiss HNSW (one process); postgres: tables + pgvector "
+                          "HNSW, shared by every process on the same database")
+    db_path: str = _f("data/runtime/memory.db", doc="the SQLite store (backend = sqlite)")
+    dsn: str = _f("", doc="PostgreSQL connection string (backend = postgres); empty = env RUVLLM_MEMORY_DSN, "
+                          "which keeps a password out of saved configs and backups")
+    pg_schema: str = _f("ruvllm_memory", doc="schema holding this store's tables (backend = postgres); one "
+                                             "database can hold several stores")
     hnsw_m: int = _f(16, min=2, max=256)
     hnsw_ef_construction: int = _f(100, min=1)
     hnsw_ef_search: int = _f(32, min=1)
@@ -86,7 +99,9 @@ class RouterConfig:
     w_rank: int = _f(0, min=0, doc="0 = full rank")
     u_rank: int = _f(0, min=0, doc="0 = full rank")
     sparsity: float = _f(0.95, min=0.0, max=0.999, doc="fraction of zeros after hard thresholding")
-    confidence_threshold: float = _f(0.6, min=0.0, max=1.0)
+    confidence_threshold: float = _f(0.6, min=0.0, max=1.0,
+                                     doc="FastGRNN serves the cheapest tier i with P(cheapest adequate tier <= i) "
+                                         ">= this; others fall back below it")
     fallback: str = _f("largest", choices=("largest", "smallest", "default"),
                        doc="tier used when router confidence is below the threshold")
     default_tier: str = _f("")
@@ -94,7 +109,9 @@ class RouterConfig:
     learning_rate: float = _f(0.01, min=0.0)
     epochs: int = _f(30, min=1)
     batch_size: int = _f(32, min=1)
-    cost_weight: float = _f(0.1, min=0.0, doc="weight of expected tier cost in the routing loss")
+    cost_weight: float = _f(0.0, min=0.0, doc="weight of expected tier cost in the routing loss; 0 keeps the "
+                                              "cumulative tier probabilities calibrated (confidence_threshold is "
+                                              "the cost/quality knob)")
 
 
 @dataclass
@@ -104,9 +121,40 @@ class AttentionConfig:
     concat_heads: bool = _f(True)
     dropout: float = _f(0.0, min=0.0, max=0.9)
     context_token_budget: int = _f(384, min=0)
-    min_relevance: float = _f(0.3, min=-1.0, max=1.0,
-                              doc="cosine to the query below which a memory is not shown to the model")
     learning_rate: float = _f(0.005, min=0.0)
+
+
+VERIFICATIONS = ("unverified", "judged", "rated", "corrected", "gold")
+
+
+@dataclass
+class RetrievalConfig:
+    """Which memories reach the prompt (ruvllm_lab/context.py says how each rule is applied)."""
+    search_k: int = _f(8, min=0, doc="nearest memories searched per query (graph expansion seeds)")
+    correction_k: int = _f(2, min=0, doc="corrections looked up separately on every query")
+    correction_min_score: float = _f(0.55, min=-1.0, max=1.0,
+                                     doc="cosine of a correction (embedded with its question) to the query")
+    relevance_threshold: float = _f(0.75, min=-1.0, max=1.0,
+                                    doc="cosine between the query and a note's question below which the note is "
+                                        "not about this question; calibrated per embedding model "
+                                        "(`ruvllm calibrate-relevance`, data/memory_eval.jsonl calib split)")
+    match_key_terms: bool = _f(True, doc="a note must name the same numbers and proper nouns as the query")
+    note_policy: str = _f("verified", choices=("off", "verified", "all"),
+                          doc="off: no notes; verified: only corrections and answers whose verification is "
+                              "trusted; all: unverified answers too (the pre-trust behaviour, for ablations)")
+    trusted_verifications: list = _f(default_factory=lambda: ["gold", "rated"],
+                                     doc=f"interaction verifications shown as notes; of {', '.join(VERIFICATIONS)}")
+    min_note_quality: float = _f(0.75, min=0.0, max=1.0, doc="trust (node quality) a shown answer needs")
+    max_notes: int = _f(3, min=0, doc="notes per prompt")
+    max_note_tokens: int = _f(192, min=0, doc="tokens of all notes together")
+    calibration: str = _f("", doc="the calibration file relevance_threshold was read from (provenance)")
+
+
+@dataclass
+class PromptConfig:
+    system_prompt: str = _f("You are a helpful assistant. Answer the question briefly and accurately.")
+    notes_header: str = _f("Notes from memory (use a note only if it answers this exact question):")
+    history_turns: int = _f(4, min=0, doc="session turns replayed into the prompt")
 
 
 @dataclass
@@ -126,6 +174,11 @@ class InferenceConfig:
     top_p: float = _f(0.9, min=0.0, max=1.0)
     on_context_overflow: str = _f("truncate", choices=("truncate", "error"))
     kv_cache_sessions: int = _f(8, min=0, doc="session prefix states kept per model (LRU)")
+    max_batch_sequences: int = _f(16, min=1, max=256,
+                                  doc="llama.cpp: concurrent requests decoded together per model (one sequence each, "
+                                      "max_context KV cells each); more wait for a free sequence")
+    batch_tokens: int = _f(512, min=1, doc="llama.cpp: tokens per decode step (one per decoding sequence, the rest "
+                                           "prompt chunks of joining requests)")
 
 
 @dataclass
@@ -144,6 +197,30 @@ class LearningConfig:
     ewc_gamma: float = _f(0.9, min=0.0, max=1.0, doc="online EWC: F <- gamma * F_old + F_new")
     judge_tier: str = _f("", doc="tier for LLM-as-judge; '' disables it")
     judge_weights: dict = _f(default_factory=lambda: {"gold": 1.0, "feedback": 1.0, "llm": 0.5, "logprob": 0.25})
+    # What counts as success in serving (ruvllm_lab/learning/outcome.py applies these in one place).
+    rating_success_min: int = _f(4, min=1, max=5, doc="a rating >= this is an adequate answer")
+    rating_failure_max: int = _f(2, min=1, max=5, doc="a rating <= this is an inadequate answer (between: neutral)")
+    logprob_failure_below: float = _f(0.45, min=0.0, max=1.0,
+                                      doc="no gold, rating or correction: geometric-mean token probability below "
+                                          "this is a failure (experiments/results/judge_calibration.json: no answer "
+                                          "below 0.45 was correct, 6 of 40)")
+    logprob_success_at: float = _f(1.0, min=0.0, max=1.0,
+                                   doc="... and at or above this a success; 1.0 = practically never (no threshold "
+                                       "reached 80 % precision with >= 5 answers in the calibration)")
+    logprob_weight: float = _f(0.25, min=0.0, max=1.0, doc="training weight of a log-prob outcome (gold/rating: 1)")
+    iht_fraction: float = _f(0.5, min=0.0, max=1.0,
+                             doc="share of each router update's steps that hard-threshold after every step (EdgeML "
+                                 "phase 2); the steps before are dense (phase 1); every update ends at router.sparsity")
+    explore_rate: float = _f(0.1, min=0.0, max=0.5,
+                             doc="chance of routing one tier cheaper than the policy's pick (the propensity is logged)")
+    offpolicy_window: int = _f(2000, min=1, doc="logged decisions kept for the inverse-propensity estimate")
+    shadow_rate: float = _f(0.1, min=0.0, max=1.0,
+                            doc="share of judged interactions the idle learner re-answers with a neighbouring tier")
+    shadow_max_tokens: int = _f(48, min=1, doc="token limit of a shadow answer")
+    shadow_idle_ms: int = _f(1000, min=10, doc="shadow evaluation polls for an idle pool this often")
+    shadow_weight: float = _f(0.5, min=0.0, max=1.0,
+                              doc="training weight of a shadow outcome judged by agreement with a rated answer")
+    shadow_queue: int = _f(64, min=1, doc="pending shadow jobs kept (oldest dropped)")
 
 
 @dataclass
@@ -172,6 +249,14 @@ class ServerConfig:
     max_tokens_limit: int = _f(1024, min=1, doc="largest constraints.max_tokens a client may ask for")
     tls_certfile: str = _f("")
     tls_keyfile: str = _f("")
+    api_keys_file_env: str = _f("RUVLLM_API_KEYS_FILE",
+                                doc="env var naming a file of API keys, one per line: `<key>` or `<tenant> <key>`")
+    auth_failures_per_minute: int = _f(10, min=0, doc="failed authentications allowed per client address; "
+                                                      "beyond that 429 before any key is checked; 0 = unlimited")
+    shutdown_grace_s: float = _f(30.0, min=0.0, doc="SIGTERM: how long in-flight requests may finish before "
+                                                    "they are cancelled")
+    health_cache_s: float = _f(10.0, min=0.0, doc="how long a readiness probe (a 1-token generation) is reused")
+    shared_namespace: str = _f("shared", doc="memory tenant every API key may read besides its own")
 
 
 SECTIONS: dict[str, type] = {
@@ -184,6 +269,8 @@ SECTIONS: dict[str, type] = {
     "learning": LearningConfig,
     "compression": CompressionConfig,
     "server": ServerConfig,
+    "retrieval": RetrievalConfig,
+    "prompt": PromptConfig,
 }
 
 
@@ -215,7 +302,8 @@ def _check_value(section: str, f: dataclasses.Field, value: Any, tp: Any) -> tup
             return value, f"{key} = {value!r}: expected a table"
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
-        return value, f"{key} = {value!r}: allowed values are {', '.join(map(repr, meta['choices']))}"
+        return value, (f"{key} = {value!r}: allowed values are {', '.join(map(repr, meta['choices']))}"
+                       f"{_did_you_mean(value, meta['choices'], quote=True)}")
     if meta.get("min") is not None and value < meta["min"]:
         return value, f"{key} = {value!r}: must be >= {meta['min']}"
     if meta.get("max") is not None and value > meta["max"]:
@@ -232,7 +320,8 @@ def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            problems.append(f"unknown key {name}.{key}; known keys of [{name}]: {', '.join(fields)}")
+            problems.append(f"unknown key {name}.{key}{_did_you_mean(key, fields, f'{name}.')}; "
+                            f"known keys of [{name}]: {', '.join(fields)}")
             continue
         value, problem = _check_value(name, fields[key], value, hints[key])
         if problem:
@@ -240,6 +329,28 @@ def _build_section(name: str, cls: type, raw: Any, problems: list[str]) -> Any:
         else:
             kwargs[key] = value
     return cls(**kwargs)
+
+
+def _did_you_mean(word: Any, candidates: Iterable[Any], prefix: str = "", quote: bool = False) -> str:
+    """' (did you mean x?)' for the nearest candidate (difflib), or '' when none is close."""
+    import difflib
+    if not isinstance(word, str):
+        return ""
+    near = difflib.get_close_matches(word, [str(c) for c in candidates], n=1, cutoff=0.6)
+    if not near:
+        return ""
+    return f" (did you mean {prefix}{near[0]!r}?)" if quote else f" (did you mean {prefix}{near[0]}?)"
+
+
+def _tier_problems(key: str, tier: Any) -> list[str]:
+    """A tier must be on the model ladder (``models.LADDER``) or a path to a ``.gguf`` file."""
+    from .models import LADDER
+    if not isinstance(tier, str):
+        return [f"{key} = {tier!r}: expected a tier name or a path to a .gguf file"]
+    if tier in LADDER or tier.endswith(".gguf") or Path(tier).expanduser().is_file():
+        return []
+    return [f"{key} = {tier!r}: unknown tier{_did_you_mean(tier, LADDER, quote=True)}; known tiers: "
+            f"{', '.join(LADDER)} (or a path to a .gguf file)"]
 
 
 def _parse_override_value(text: str) -> Any:
@@ -261,6 +372,8 @@ class Config:
     learning: LearningConfig = field(default_factory=LearningConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -279,7 +392,8 @@ class Config:
         sections = {}
         for name, section_raw in data.items():
             if name not in SECTIONS:
-                problems.append(f"unknown section [{name}]; known sections: {', '.join(SECTIONS)}")
+                problems.append(f"unknown section [{name}]{_did_you_mean(name, [f'[{k}]' for k in SECTIONS])}; "
+                                f"known sections: {', '.join(SECTIONS)}")
                 continue
             sections[name] = _build_section(name, SECTIONS[name], section_raw, problems)
         cfg = cls(**sections)
@@ -307,6 +421,13 @@ class Config:
         problems = []
         if not self.inference.models:
             problems.append("inference.models is empty: name at least one tier")
+        for i, tier in enumerate(self.inference.models):
+            problems.extend(_tier_problems(f"inference.models[{i}]", tier))
+        for key in ("embedding.encoder_tier", "compression.tier", "learning.judge_tier", "router.default_tier"):
+            section, _, name = key.partition(".")
+            tier = getattr(getattr(self, section), name)
+            if tier:
+                problems.extend(_tier_problems(key, tier))
         if self.compression.k_min > self.compression.k_max:
             problems.append(f"compression.k_min ({self.compression.k_min}) > compression.k_max ({self.compression.k_max})")
         if self.inference.max_loaded_models > max(1, len(self.inference.models)):
@@ -321,6 +442,10 @@ class Config:
         if sorted(self.router.context_buckets) != list(self.router.context_buckets) or any(
                 not isinstance(b, int) or b < 0 for b in self.router.context_buckets):
             problems.append(f"router.context_buckets = {self.router.context_buckets!r}: must be ascending integers >= 0")
+        bad = [v for v in self.retrieval.trusted_verifications if v not in VERIFICATIONS]
+        if bad:
+            problems.append(f"retrieval.trusted_verifications: unknown {', '.join(map(repr, bad))}; "
+                            f"allowed: {', '.join(VERIFICATIONS)}")
         return problems
 
     # ---- views -----------------------------------------------------------------------

@@ -20,8 +20,9 @@ The gate (``ContextBuilder.admits``), all of:
 * **visible**: the node's tenant is the request's tenant or the shared namespace;
 * **trusted** (``trusted``): a correction or a document always; an interaction when
   ``note_policy = "verified"`` and its verification is in ``trusted_verifications`` with
-  quality >= ``min_note_quality`` (``"all"`` drops the verification requirement but keeps the
-  quality floor; ``"off"`` shows nothing); concept summaries (of unverified answers) only
+  quality >= ``min_note_quality``; under ``"all"`` (the pre-trust behaviour, for ablations)
+  every interaction except a corrected one or one checked and found wrong (gold or rated, below
+  ``min_note_quality``); ``"off"`` shows nothing; concept summaries (of unverified answers) only
   under ``"all"``;
 * **about this question** (``about_same_question``): cosine between the query and the note's
   question >= ``relevance_threshold`` (calibrated per embedding model from paraphrase vs
@@ -37,6 +38,7 @@ judge calibration in the README).
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -50,6 +52,13 @@ from .types import Session, Source
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _SENTENCE_START = re.compile(r"(?:^|[.?!:;]\s+)([A-Za-z][\w-]*)")
+_TOKEN = re.compile(r"[a-z0-9]+")
+# Function words: a paraphrase may add, drop or swap these freely.
+_FUNCTION_WORDS = frozenset("""a an the of for in on at to by with from and or is are was were be been does do did
+has have had what which who whom whose how many much when where why this that these those it its there
+through around into about over under between
+""".split())
+SIBLING_MIN_RATIO = 0.6  # token-sequence similarity above which a swapped content word is a sibling question
 
 
 def _numbers(text: str) -> list[str]:
@@ -67,16 +76,44 @@ def proper_nouns(text: str) -> set[str]:
             if m.group(0)[0].isupper() and m.start() not in starts}
 
 
-def key_terms_agree(a: str, b: str) -> bool:
-    """The two texts name the same numbers (as a multiset) and each one's proper nouns occur in the other.
+def _stem(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") else word
 
-    Sentence-initial words are not taken as names ("Portugal has which city as its capital?"
-    names no proper noun), but a name of one text must still appear in the other in any case, so
-    that paraphrase agrees with "What is the capital of Portugal?" and "...of Greece?" does not.
+
+def sibling_questions(a: str, b: str) -> bool:
+    """Same template, another slot filler: "...symbol for calcium?" vs "...symbol for sodium?".
+
+    The token sequences mostly align (difflib ratio >= SIBLING_MIN_RATIO) and an aligned
+    replacement swaps a content word for another content word.  Paraphrases restructure the
+    sentence or swap only function words, so they are not siblings (an in-place synonym such as
+    "largest" -> "biggest" is, and is rejected: precision over recall).
+    """
+    ta, tb = _TOKEN.findall(a.lower()), _TOKEN.findall(b.lower())
+    matcher = difflib.SequenceMatcher(None, ta, tb, autojunk=False)
+    if matcher.ratio() < SIBLING_MIN_RATIO:
+        return False
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "replace":
+            left = {_stem(w) for w in ta[i1:i2] if w not in _FUNCTION_WORDS}
+            right = {_stem(w) for w in tb[j1:j2] if w not in _FUNCTION_WORDS}
+            if left and right and left != right:
+                return True
+    return False
+
+
+def key_terms_agree(a: str, b: str) -> bool:
+    """Whether two questions ask the same thing, beyond embedding similarity.
+
+    They name the same numbers (as a multiset), each one's proper nouns occur in the other
+    (sentence-initial words are not taken as names: "Portugal has which city as its capital?"
+    agrees with "What is the capital of Portugal?", "...of Greece?" does not), and they are not
+    sibling questions (``sibling_questions``).
     """
     if _numbers(a) != _numbers(b):
         return False
-    return proper_nouns(a) <= _words(b) and proper_nouns(b) <= _words(a)
+    if not (proper_nouns(a) <= _words(b) and proper_nouns(b) <= _words(a)):
+        return False
+    return not sibling_questions(a, b)
 
 
 def note_question(text: str, metadata: dict[str, Any]) -> str:
@@ -98,9 +135,12 @@ def trusted(kind: str, metadata: dict[str, Any], quality: float, config: Retriev
     if kind == "concept":
         return config.note_policy == "all"
     verification = metadata.get("verification", "unverified")
-    if verification == "corrected" or quality < config.min_note_quality:
+    if verification == "corrected":
         return False
-    return config.note_policy == "all" or verification in config.trusted_verifications
+    checked = verification in ("gold", "rated")
+    if config.note_policy == "all":  # known-bad answers stay out; nobody checked the others
+        return not checked or quality >= config.min_note_quality
+    return verification in config.trusted_verifications and quality >= config.min_note_quality
 
 
 def provenance(kind: str, metadata: dict[str, Any]) -> str:
@@ -157,6 +197,14 @@ def calibrate_threshold(related: np.ndarray, unrelated: np.ndarray, max_false_po
             "unrelated_p99": float(np.quantile(unrelated, 0.99))}
 
 
+def _render_note(source: Source) -> str:
+    """One line per note, the answer first: a small model shown "Q: ... A: ..." echoes the question."""
+    if source.kind == "interaction" and source.text.startswith("Q: ") and "\nA: " in source.text:
+        question, answer = source.text[3:].split("\nA: ", 1)
+        return f'- {" ".join(answer.split())} ({source.provenance.lower()}, to the question "{question}")'
+    return f"- {source.provenance}: {' '.join(source.text.split())}"
+
+
 @dataclass
 class Retrieved:
     """Search results for one query, before gating."""
@@ -199,7 +247,10 @@ class ContextBuilder:
         if not self.visible(meta, tenant) or not trusted(node.kind, meta, node.quality, self.config):
             return False, meta
         if node.kind == "correction":
-            return True, meta  # matched by correction_min_score in retrieve(), against its own question
+            # Matched by correction_min_score in retrieve(); it must still correct *this* question.
+            question = meta.get("question")
+            ok = not (self.config.match_key_terms and question) or key_terms_agree(query, str(question))
+            return ok, meta
         # An interaction is stored under its question's embedding, a document under its text's.
         if float(vector @ query_vec) < self.config.relevance_threshold:
             return False, meta
@@ -261,7 +312,7 @@ class ContextBuilder:
         for turn in history:
             messages += [{"role": "user", "content": turn.prompt or turn.query},
                          {"role": "assistant", "content": turn.answer}]
-        notes = [f"- {s.provenance}: {s.text}" for s in sources]
+        notes = [_render_note(s) for s in sources]
         content = query if not notes else (
             self.prompt.notes_header + "\n" + "\n".join(notes) + f"\n\nQuestion: {query}")
         messages.append({"role": "user", "content": content})

@@ -92,7 +92,10 @@ class _MiniLMBackend:
     """sentence-transformers all-MiniLM-L6-v2 from the offline PyPI package (shared per process;
     its forward pass is guarded by a lock, since services in several threads may share it)."""
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, threads: int = 0):
+        if threads > 0:  # a one-query forward pass gains little from more threads, and they compete with decode
+            import torch
+            torch.set_num_threads(threads)
         self.model = _load_minilm(device)
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.native_dimension = int(dim())
@@ -300,7 +303,7 @@ class EmbeddingService:
                     if self.config.model == "llm-encoder":
                         backend = _LLMEncoderBackend(self.pool, self._encoder_tier())
                     else:
-                        backend = _MiniLMBackend(self.device)
+                        backend = _MiniLMBackend(self.device, self.config.threads)
                     if backend.native_dimension != self.dimension:
                         self._projection = orthogonal_projection(backend.native_dimension, self.dimension)
                     self._backend = backend

@@ -55,3 +55,12 @@ class RequestNotFound(RuvLLMError, KeyError):
 
 class Overloaded(RuvLLMError):
     """More concurrent requests than `system.max_concurrent_requests`."""
+
+
+class ShuttingDown(Overloaded):
+    """The system is draining for shutdown and admits no new requests."""
+
+
+class Cancelled(RuvLLMError):
+    """The request was cancelled (its client went away, or shutdown outlasted its grace period);
+    nothing of it was written back."""

@@ -6,7 +6,8 @@ of it (``calib`` to calibrate, ``eval`` to score) ``question_pairs`` builds
 * **related** pairs: a question and each of its paraphrases, and the two paraphrases;
 * **unrelated** pairs: question i against the first paraphrase of every other item j != i
   of the split — many of them "hard" (same family and template: "capital of Greece" vs
-  "capital of Portugal", "47 + 38" vs "51 + 29").
+  "capital of Portugal", "47 + 38" vs "51 + 29") — and against its hand-written siblings
+  (same template, another slot filler: "symbol for calcium" vs "symbol for sodium").
 
 ``calibrate`` sets ``retrieval.relevance_threshold`` for one embedding model from the calib
 split (``context.calibrate_threshold``); ``gate_scores`` reports the precision / recall of the
@@ -48,6 +49,8 @@ def question_pairs(rows: Sequence[dict[str, Any]]) -> Pairs:
         for j, other in enumerate(rows):
             if i != j:
                 a.append(r["question"]), b.append(other["paraphrases"][0]), related.append(False)
+        for sibling in r.get("siblings", ()):
+            a.append(r["question"]), b.append(sibling), related.append(False)
     return Pairs(a, b, np.asarray(related))
 
 

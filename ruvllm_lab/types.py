@@ -27,6 +27,7 @@ class Request:
     constraints: Constraints = field(default_factory=Constraints)
     gold_answer: str | None = None  # experiments: lets the judge score against a known answer
     request_id: str = field(default_factory=lambda: new_id("req-"))
+    tenant: str | None = None  # the API key's tenant (server); None = single-tenant use of the SDK
 
     def __post_init__(self) -> None:
         if not isinstance(self.query, str) or not self.query.strip():
@@ -41,6 +42,7 @@ class Source:
     text: str
     score: float
     kind: str = "interaction"
+    provenance: str = ""  # how the model was told where this note comes from (context.provenance)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Session:
     turns: list[Turn] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     router_state: Any = None  # FastGRNN hidden state carried across turns
+    tenant: str | None = None  # sessions are private to their tenant
 
     @property
     def turn_index(self) -> int:
@@ -95,6 +98,7 @@ class Feedback:
     request_id: str
     rating: int | None = None  # 1..5
     correction: str | None = None
+    tenant: str | None = None  # only the tenant that asked may rate or correct a request
 
     def __post_init__(self) -> None:
         if self.rating is not None and (isinstance(self.rating, bool) or not isinstance(self.rating, int)

@@ -4,7 +4,8 @@ Two sources:
 
 * ``load_jsonl(path)`` — researchers bring their own set, one JSON object per line with
   ``{"query", "answer", "family", "difficulty"}`` (optional ``"match"``: ``number`` | ``text`` |
-  ``case``; default ``text``).  ``save_jsonl`` writes the same format back.
+  ``case``, default ``text``; optional ``"aliases"``: other accepted spellings of a text answer).
+  ``save_jsonl`` writes the same format back.
 * ``generate(families, n, seed, difficulties)`` — built-in families whose gold answers are
   computed, not looked up, so they are exact:
 
@@ -22,8 +23,9 @@ Everything is drawn from ``random.Random(seed)``: the same arguments give the sa
 the same order on every machine.  ``shift_schedule`` builds phases with different family
 mixes (distribution shift) for forgetting runs.
 
-``is_correct(item, answer)`` is the normalised gold match every experiment uses when the
-learning engineer's judge is absent; its rules are in its docstring.
+``is_correct(item, answer)`` is the one strict gold matcher: experiments, the learning judge
+(``learning.judge.gold_match`` shares its core, ``answer_matches``), the demo and the benches all
+use it; its rules are in ``answer_matches``'s docstring.
 """
 from __future__ import annotations
 
@@ -61,8 +63,13 @@ class WorkItem:
     difficulty: int
     match: str = "text"
     context: str = ""
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.aliases, (list, tuple)) and all(isinstance(a, str) and a.strip() for a in self.aliases):
+            object.__setattr__(self, "aliases", tuple(self.aliases))  # JSON gives lists; keep the item hashable
+        else:
+            raise ValueError(f"WorkItem.aliases must be a list of non-empty strings, got {self.aliases!r}")
         if not isinstance(self.query, str) or not self.query.strip():
             raise ValueError("WorkItem.query must be a non-empty string")
         if not isinstance(self.answer, str) or not self.answer.strip():
@@ -139,6 +146,7 @@ class Fact:
     answer: str
     fact: str
     difficulty: int
+    aliases: tuple[str, ...] = ()  # other accepted spellings ("Dostoyevsky" for "Dostoevsky")
 
 
 def load_knowledge(path: str | os.PathLike | None = None) -> list[Fact]:
@@ -146,7 +154,13 @@ def load_knowledge(path: str | os.PathLike | None = None) -> list[Fact]:
     path = Path(path) if path else KNOWLEDGE_PATH
     if not path.exists():
         raise FileNotFoundError(f"knowledge corpus not found: {path}")
-    return [Fact(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    facts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            raw = json.loads(line)
+            raw["aliases"] = tuple(raw.get("aliases", ()))
+            facts.append(Fact(**raw))
+    return facts
 
 
 # ---- generators -------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def _factual(rng: random.Random, d: int) -> WorkItem:
     answer_is_number = re.fullmatch(r"\d+", fact.answer) is not None
     match = "number" if answer_is_number else ("case" if fact.category == "chemical_symbol" else "text")
     suffix = _SUFFIX_NUMBER if answer_is_number else " Answer briefly."
-    return WorkItem(fact.question + suffix, fact.answer, "factual", d, match, context=fact.fact)
+    return WorkItem(fact.question + suffix, fact.answer, "factual", d, match, context=fact.fact, aliases=fact.aliases)
 
 
 GENERATORS: dict[str, Callable[[random.Random, int], WorkItem]] = {
@@ -269,11 +283,14 @@ def _check_difficulties(difficulties: Iterable[int]) -> list[int]:
 
 
 def generate(families: Sequence[str] | Mapping[str, float] | None = None, n: int = 100, seed: int = 0,
-             difficulties: Sequence[int] = DIFFICULTIES) -> list[WorkItem]:
+             difficulties: Sequence[int] = DIFFICULTIES, distinct: bool = False) -> list[WorkItem]:
     """``n`` items drawn from ``families`` (a list: uniform; a mapping: weights) and ``difficulties``.
 
     Reproducible: a function of the arguments only.  Family and difficulty of each item are
-    drawn first, then its content, from one ``random.Random(seed)``.
+    drawn first, then its content, from one ``random.Random(seed)``.  ``distinct=True`` skips a
+    drawn query already in the set (a repeated query lets a memory-based router look its label
+    up), drawing on until ``n`` distinct queries exist; ``ValueError`` when the families cannot
+    supply that many.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
@@ -289,11 +306,22 @@ def generate(families: Sequence[str] | Mapping[str, float] | None = None, n: int
         weights = [1.0] * len(names)
     diffs = _check_difficulties(difficulties)
     rng = random.Random(seed)
-    items = []
-    for _ in range(n):
+    items: list[WorkItem] = []
+    seen: set[str] = set()
+    draws, max_draws = 0, 50 * n + 100
+    while len(items) < n:
+        if draws >= max_draws:
+            raise ValueError(f"families {names} x difficulties {diffs} gave only {len(items)} distinct queries "
+                             f"in {draws} draws; ask for fewer than {n}")
+        draws += 1
         family = rng.choices(names, weights=weights)[0]
         d = rng.choice(diffs)
-        items.append(GENERATORS[family](rng, d))
+        item = GENERATORS[family](rng, d)
+        if distinct:
+            if item.query in seen:
+                continue
+            seen.add(item.query)
+        items.append(item)
     return items
 
 
@@ -330,20 +358,141 @@ def shift_schedule(phases: Sequence[Mapping[str, float]] = DEFAULT_PHASES, n_per
     return out
 
 
-# ---- gold match -------------------------------------------------------------------------
-
-_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def _numbers(text: str) -> list[float]:
+def phases_by_family(items: Sequence[WorkItem], groups: Sequence[Sequence[str]]) -> list[Phase]:
+    """Split ``items`` into phases, phase ``k`` holding the items of the families ``groups[k]`` (order
+    kept).  A distribution shift over one fixed pool: the routing workload's cached outcomes serve
+    the forgetting phases too.  ``ValueError`` when a family is in two groups or a phase is empty."""
+    seen: set[str] = set()
     out = []
-    for tok in _NUMBER_RE.findall(text):
-        tok = tok.replace(",", "")
-        try:
-            out.append(float(tok))
-        except ValueError:
-            continue
+    for k, group in enumerate(groups):
+        group = list(group)
+        twice = seen.intersection(group)
+        if twice:
+            raise ValueError(f"family {sorted(twice)} is in more than one phase")
+        seen.update(group)
+        phase_items = [it for it in items if it.family in group]
+        if not phase_items:
+            raise ValueError(f"phase {k} ({'+'.join(group)}) has no items")
+        out.append(Phase(k, {f: 1.0 for f in group}, phase_items))
     return out
+
+
+# ---- gold match -------------------------------------------------------------------------
+# One strict matcher.  A lenient one ("the gold anywhere in the output", "the first or the last
+# number") gives a rambling tier more chances than a terse one and so biases every router
+# comparison; here an answer states one value or it is wrong.
+
+_ANSWER_LINE = re.compile(r"^\W*(?:final\s+)?answer\s*(?:is\s*)?[:：=]\s*(.*)$", re.IGNORECASE)
+_ISO_DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b")
+# a number not glued to a word ("3rd", "x2"); thousands commas ("1,000"); no sign after a digit
+# ("40-50" is two numbers, a range)
+_NUMBER_TOKEN = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?![\d\w])")
+# an unevaluated expression ("1 * 7", "37+45", "6 x 7"): the answer echoes the question
+_EXPRESSION = re.compile(r"\d\s*[+*/×÷^]\s*-?\d|\d\s+[-x]\s+\d")
+_ASIDE = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")
+_EXPLANATION = re.compile(r"\b(?:because|since)\b", re.IGNORECASE)
+_ALTERNATIVE = re.compile(r"\bor\b|\w\s*/\s*\w", re.IGNORECASE)
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")
+
+
+def answer_span(answer: str) -> str:
+    """The part of a generation that is the answer: the last explicit ``Answer:`` line if there
+    is one, else the first non-empty line (with an ``Answer:`` prefix removed)."""
+    lines = [ln.strip() for ln in (answer or "").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    explicit = [m.group(1).strip() for ln in lines if (m := _ANSWER_LINE.match(ln))]
+    return explicit[-1] if explicit else lines[0]
+
+
+def _to_number(token: str) -> float:
+    return float(token.replace(",", ""))
+
+
+def _number_tokens(text: str) -> list[float]:
+    return [_to_number(t) for t in _NUMBER_TOKEN.findall(_ISO_DATE.sub(" ", text))]
+
+
+def _close(a: float, b: float, rel_tol: float, abs_tol: float) -> bool:
+    return abs(a - b) <= max(rel_tol * max(abs(a), abs(b)), abs_tol)
+
+
+def _number_matches(span: str, gold: float, query: str, rel_tol: float, abs_tol: float) -> bool:
+    span = _ASIDE.sub(" ", span)  # "82 (37 + 45)": the aside is working, not a candidate
+    span = _EXPLANATION.split(span, maxsplit=1)[0]  # "4, since 2 plus 2"
+    if "=" in span:  # "37 + 45 = 82": the value after the last '=' is the answer
+        span = span.rsplit("=", 1)[1]
+    if _EXPRESSION.search(_ISO_DATE.sub(" ", span)):
+        return False
+    values = _number_tokens(span)
+    # a number the question itself states ("5 kilometres is 5000 metres") is context, not a candidate
+    # -- unless it equals the gold, so an echo still counts as stating the gold
+    given = [v for v in _number_tokens(query) if not _close(v, gold, rel_tol, abs_tol)]
+    candidates = [v for v in values if not any(_close(v, g, rel_tol, abs_tol) for g in given)]
+    return bool(candidates) and all(_close(v, gold, rel_tol, abs_tol) for v in candidates)
+
+
+def _typed_candidates(gold: str, span: str, query: str) -> tuple[set[str], set[str]] | None:
+    """For golds of a closed type (weekday, month, ISO date): (candidates stated in the span,
+    candidates stated in the query), casefolded; ``None`` for an open-ended text gold."""
+    for vocabulary in (_WEEKDAYS, _MONTHS):
+        if gold.strip().casefold() in {w.casefold() for w in vocabulary}:
+            def found(text: str, vocab=vocabulary) -> set[str]:
+                return {w.casefold() for w in vocab if re.search(rf"\b{w}\b", text, re.IGNORECASE)}
+            return found(span), found(query)
+    if _ISO_DATE.fullmatch(gold.strip()):
+        return set(_ISO_DATE.findall(span)), set(_ISO_DATE.findall(query))
+    return None
+
+
+def is_number_gold(gold: str) -> bool:
+    """Whether a gold answer is one number ("82", "1,000", "-2.5"): ``answer_matches``' auto mode."""
+    return _NUMBER_TOKEN.fullmatch(gold.strip()) is not None
+
+
+def answer_matches(answer: str, gold: str, *, match: str = "auto", aliases: Sequence[str] = (), query: str = "",
+                   rel_tol: float = 1e-9, abs_tol: float = 1e-9) -> bool:
+    """Whether ``answer`` states ``gold`` -- and only ``gold``.
+
+    * Only the answer span counts (``answer_span``): the first non-empty line, or an explicit
+      final ``Answer:`` line.
+    * ``number`` (``auto``: when the gold is one number): numbers are compared as numbers
+      ("1,000" = "1000" = "1000.0"); the value after the last ``=`` is the answer ("37 + 45 = 82");
+      asides in brackets and an explanation after "because"/"since" are ignored; every other
+      number left in the span is a candidate, except numbers the question states that differ
+      from the gold.  Correct iff at least one candidate remains and all equal the gold.  So
+      "40 or 45 or 50" and "40-50" are wrong, and so is an unevaluated expression ("1 * 7").
+    * ``text``: the gold or one of its ``aliases`` occurs, accent-stripped, casefolded and without
+      punctuation, as a whole-word sequence.  Closed-type golds (weekday, month, ISO date) are wrong
+      when the span names another value of that type than those in the question (a list of all
+      seven weekdays); open-ended golds are wrong when the span offers alternatives ("Paris or
+      Lyon", "Paris/Lyon").
+    * ``case``: as ``text`` but case-sensitive, so echoing 'garden' does not pass for 'GARDEN'.
+
+    ``rel_tol``/``abs_tol``: numeric tolerance (exact by default: the built-in golds are integers).
+    """
+    if match not in MATCH_MODES + ("auto",):
+        raise ValueError(f"match = {match!r}: allowed values are auto, {', '.join(MATCH_MODES)}")
+    span = answer_span(answer)
+    if not span or not gold.strip():
+        return False
+    if match == "auto":
+        match = "number" if is_number_gold(gold) else "text"
+    if match == "number":
+        return _number_matches(span, _to_number(gold.strip()), query or "", rel_tol, abs_tol)
+    case = match == "case"
+    hay = f" {_fold(span, case)} "
+    if not any(f" {_fold(g, case)} " in hay for g in (gold, *aliases) if _fold(g, case)):
+        return False
+    typed = _typed_candidates(gold, span, query or "")
+    if typed is not None:
+        stated, given = typed
+        target = gold.strip().casefold()
+        return stated - (given - {target}) == {target}
+    if _ALTERNATIVE.search(span) and not any(_ALTERNATIVE.search(g) for g in (gold, *aliases)):
+        return False
+    return True
 
 
 def _fold(text: str, case: bool = False) -> str:
@@ -356,34 +505,10 @@ def _fold(text: str, case: bool = False) -> str:
     return " ".join(text.split())
 
 
-def _first_line(answer: str) -> str:
-    for line in answer.strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
-
-
 def is_correct(item: WorkItem, answer: str) -> bool:
-    """Whether ``answer`` states the gold answer of ``item``; only the first non-empty line counts.
-
-    * ``number``: the first or the last number of that line equals the gold value
-      ("82", "The answer is 82.", "37 + 45 = 82", "82 (37 + 45)").
-    * ``text``: the gold, accent-stripped, casefolded and without punctuation, occurs as a
-      whole-word sequence ("paris" in "The capital of France is Paris.").
-    * ``case``: as ``text`` but case-sensitive, so echoing 'garden' does not pass for 'GARDEN'.
-    """
-    line = _first_line(answer or "")
-    if not line:
-        return False
-    if item.match == "number":
-        nums = _numbers(line)
-        if not nums:
-            return False
-        gold = float(item.answer.replace(",", ""))
-        return nums[0] == gold or nums[-1] == gold
-    case = item.match == "case"
-    hay, needle = f" {_fold(line, case)} ", f" {_fold(item.answer, case)} "
-    return needle.strip() != "" and needle in hay
+    """Whether ``answer`` states the gold answer of ``item`` (``answer_matches`` with the item's
+    match mode, aliases and query)."""
+    return answer_matches(answer or "", item.answer, match=item.match, aliases=item.aliases, query=item.query)
 
 
 def family_counts(items: Iterable[WorkItem]) -> dict[str, int]:

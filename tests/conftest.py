@@ -13,6 +13,8 @@ import pytest
 
 from ruvllm_lab.config import Config
 
+from .pg_fixture import pg_dsn, pg_schema  # noqa: F401  (a real PostgreSQL + pgvector)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -233,3 +233,125 @@ def test_ruvllm_runs_compression_periodically_in_the_background(tmp_path):
         concepts = llm.memory.nodes("concept")
     assert len(concepts) >= 2
     assert not llm._compression_thread.is_alive()  # close() stopped the job
+
+
+# ---- held-out paraphrases, budgeted retrieval, storage and the experiment --------------------------------
+def test_every_generated_query_has_a_deterministic_paraphrase_that_is_not_the_stored_wording():
+    from ruvllm_lab import workloads
+    from ruvllm_lab.experiments.compression import paraphrase
+
+    items = workloads.generate(None, 400, seed=3, distinct=True)
+    assert set(workloads.family_counts(items)) == set(workloads.FAMILIES)
+    for it in items:
+        p = paraphrase(it, seed=0)
+        assert p != it.query and p.strip(), it.query
+        assert paraphrase(it, seed=0) == p  # a function of (seed, query)
+    numbers = [it for it in items if it.family == "arithmetic"]
+    # the operands survive the rewording, so the stored answer still answers it
+    for it in numbers[:20]:
+        a, b = it.query.split("?")[0].split()[2::2]
+        assert a in paraphrase(it) and b in paraphrase(it)
+    with pytest.raises(ValueError, match="no paraphrase"):
+        paraphrase(workloads.WorkItem("Tell me a joke.", "no", "custom", 1))
+
+
+def test_every_knowledge_fact_has_paraphrases():
+    from ruvllm_lab.experiments.compression import load_paraphrases
+    from ruvllm_lab.workloads import load_knowledge
+
+    table = load_paraphrases()
+    for fact in load_knowledge():
+        assert len(table[fact.fact]) >= 2 and fact.question not in table[fact.fact], fact.id
+
+
+def test_summary_gives_mean_and_bootstrap_ci_over_seeds_and_none_for_one_seed():
+    import pandas as pd
+
+    from ruvllm_lab.experiments.compression import METRICS, summarise
+
+    rows = [{"seed": s, "clusters": 4, "depth": 1, "mode": "descent", **{m: 0.2 * s for m in METRICS}}
+            for s in range(1, 6)]
+    rows.append({"seed": 0, "clusters": 0, "depth": 0, "mode": "flat", **{m: 1.0 for m in METRICS}})
+    out = summarise(pd.DataFrame(rows)).set_index("mode")
+    d = out.loc["descent"]
+    assert d["n_seeds"] == 5 and d["recall"] == pytest.approx(0.6)
+    assert 0.2 < d["recall_ci_low"] < 0.6 < d["recall_ci_high"] < 1.0
+    assert out.loc["flat", "recall"] == 1.0 and math.isnan(out.loc["flat", "recall_ci_low"])
+
+
+def test_fill_budget_stops_at_the_first_node_that_does_not_fit():
+    from ruvllm_lab.compression import fill_budget
+
+    ranked = [(1, "a b c"), (2, "d e"), (3, "f g h i"), (4, "j")]
+    ids, texts, total = fill_budget(ranked, 6, lambda t: len(t.split()))
+    assert ids == [1, 2] and total == 5  # node 3 (4 tokens) ends the context; node 4 would fit but is not taken
+    assert fill_budget(ranked, 2, lambda t: len(t.split()))[0] == []
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from ruvllm_lab.embedding import EmbeddingService
+    return EmbeddingService(Config.from_dict({}, {}).embedding)
+
+
+def test_descent_cost_counts_children_and_storage_keeps_archived_rows(tmp_path, minilm):
+    """Real MiniLM, faiss and SQLite; extractive summaries, so no model is needed."""
+    from ruvllm_lab import workloads
+    from ruvllm_lab.compression import TreeRetriever, compress_memory, concept_children, storage_bytes
+    from ruvllm_lab.experiments.compression import interaction_text, paraphrase
+    from ruvllm_lab.memory import MemoryService
+
+    cfg = Config.from_dict({}, {"memory.db_path": str(tmp_path / "m.db")})
+    items = workloads.generate(None, 120, seed=1, distinct=True)
+    with MemoryService(cfg.memory, cfg.embedding.dimension, embedder=minilm) as memory:
+        ids = [memory.add(interaction_text(it), kind="interaction") for it in items]
+        before = storage_bytes(memory)
+        flat = TreeRetriever(memory, minilm.count_tokens, budget=64, beam=2)
+        assert flat.k_fetch < len(items)  # the first search cannot return everything
+        report = compress_memory(memory, None, CompressionConfig(k_min=8, k_max=8, max_depth=1, min_cluster_size=1,
+                                                                 archive_members=True), embedder=minilm)
+        assert len(report.concepts) == 8 and all(c.text.startswith("Key terms:") for c in report.concepts)
+        after = storage_bytes(memory)
+        assert len(memory.index) == 8
+        assert after["db_bytes"] >= before["db_bytes"]  # archived rows are still stored
+        assert after["index_bytes"] < before["index_bytes"]
+        tree = TreeRetriever(memory, minilm.count_tokens, budget=64, beam=2)
+        children = concept_children(memory)
+        assert sorted(m for ms in children.values() for m in ms) == sorted(ids)
+        q = minilm.embed_one(paraphrase(items[0]))
+        r = tree(q, "descent")
+        top = sorted(children, key=lambda c: -float(memory.vector(c) @ q))[:2]
+        expanded = sum(len(children[c]) for c in top)
+        assert 0 < r.vectors_scored - expanded <= len(memory.index)  # the HNSW search over 8 concepts, plus descent
+        assert set(r.node_ids) <= set().union(*(children[c] for c in top)) and r.tokens <= 64
+        c = tree(q, "collapsed")
+        assert c.tokens <= 64 and c.node_ids and len(tree.collapsed_index()) == len(items) + 8
+
+
+@pytest.mark.slow
+def test_recall_drops_below_one_on_held_out_questions_at_a_fixed_budget(tmp_path, minilm):
+    """The experiment without a model (extractive summaries, no answers): real MiniLM, faiss, SQLite."""
+    from ruvllm_lab.experiments.compression import run
+    from ruvllm_lab.experiments.tracking import MemoryTracker
+
+    cfg = Config.from_dict({}, {"memory.db_path": str(tmp_path / "unused.db")})
+    tracker = MemoryTracker()
+    with pytest.warns(UserWarning, match="underpowered"):
+        res = run(cfg, n_interactions=120, cluster_counts=(4, 12), depths=(1, 2), seeds=(0,), n_eval=30,
+                  token_budget=64, beam=1, summaries="extractive", answer_quality=False, embedder=minilm,
+                  work_dir=tmp_path, tracker=tracker, progress=False)
+    s = res.summary.set_index(["clusters", "depth", "mode"])
+    print("\n" + res.to_markdown())
+    assert res.underpowered == ["1 seed(s) < 5"]
+    flat = s.loc[(0, 0, "flat")]
+    assert flat["ratio_nodes"] == 1.0 and flat["ratio_bytes"] == 1.0
+    descent = s.xs("descent", level="mode")
+    assert (descent["recall"] < 1.0).any()  # held-out wording and a budget: compression loses answers
+    # archived rows stay in SQLite: bytes shrink far less than the index does
+    assert (descent["ratio_nodes"] > 1.0).all() and (descent["ratio_bytes"] < descent["ratio_nodes"] / 4).all()
+    collapsed = s.xs("collapsed", level="mode")
+    assert (collapsed["ratio_nodes"] < 1.0).all() and (collapsed["ratio_bytes"] < 1.0).all()  # indexes more
+    assert (res.per_seed["context_tokens"] <= 64).all() and (res.per_seed["vectors_scored"] > 0).all()
+    assert len(res.answers) == 30 * (1 + 2 * 2 * 2) and "correct" not in res.answers
+    assert not set(res.answers["question"]) & set(res.answers["stored_query"])  # never the stored wording
+    assert tracker.metrics["c4_d1_descent/recall"][0][1] == pytest.approx(s.loc[(4, 1, "descent"), "recall"])

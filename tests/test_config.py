@@ -149,3 +149,107 @@ def test_cli_version(capsys):
     from ruvllm_lab import __version__
     assert main(["version"]) == 0
     assert capsys.readouterr().out.strip() == __version__
+
+
+# ---- tiers against the ladder, suggestions for typos ----------------------------------------------
+
+def test_unknown_tiers_are_rejected_naming_the_known_ones():
+    from ruvllm_lab.models import LADDER
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"inference": {"models": ["smollm2-135m", "llama-70b", "gemma3-207m"]},
+                          "embedding": {"encoder_tier": "qwen-0.5b"}})
+    msg = str(e.value)
+    assert "inference.models[1] = 'llama-70b': unknown tier" in msg
+    assert "inference.models[2] = 'gemma3-207m': unknown tier (did you mean 'gemma3-270m'?)" in msg
+    assert "embedding.encoder_tier = 'qwen-0.5b'" in msg
+    assert all(t in msg for t in LADDER)
+    assert "inference.models[0]" not in msg  # the known tier is fine
+    # a user GGUF file stands for itself
+    assert Config.from_dict({"inference": {"models": ["/models/mine.gguf"]}}).inference.models == ["/models/mine.gguf"]
+
+
+def test_typos_get_the_nearest_key_section_or_value():
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"routr": {}, "router": {"hiden_dim": 8}, "inference": {"backend": "llama-cpp"}})
+    msg = str(e.value)
+    assert "unknown section [routr] (did you mean [router]?)" in msg
+    assert "unknown key router.hiden_dim (did you mean router.hidden_dim?)" in msg
+    assert "(did you mean 'llama_cpp'?)" in msg
+    with pytest.raises(ConfigError) as e:
+        Config.from_dict({"memory": {"zzzz": 1}})
+    assert "did you mean" not in str(e.value)  # nothing close: no guess
+
+
+def test_cli_validate_rejects_unknown_tiers_and_router_kinds(tmp_path, capsys):
+    bad = tmp_path / "tier.toml"
+    bad.write_text('[inference]\nmodels = ["llama-70b"]\n')
+    assert main(["validate", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "llama-70b" in err and "smollm2-135m" in err
+    assert main(["validate", "--config", str(ROOT / "configs/edge.toml"), "--set", 'router.kind="fastgrn"']) == 2
+    assert "did you mean 'fastgrnn'?" in capsys.readouterr().err
+    assert main(["validate", "--config", str(ROOT / "configs/edge.toml"), "--set",
+                 'router.kind="examples.custom_router:NoSuchRouter"']) == 2
+    assert "has no attribute 'NoSuchRouter'" in capsys.readouterr().err
+    assert main(["validate", "--config", str(ROOT / "configs/edge.toml"), "--set",
+                 'router.kind="examples.custom_router:LengthRouter"']) == 0
+    assert "router: examples.custom_router:LengthRouter" in capsys.readouterr().out
+
+
+def test_a_router_of_your_own_by_import_path():
+    import numpy as np
+
+    from ruvllm_lab.config import RouterConfig
+    from ruvllm_lab.router import RouterExample, RouterInput, make_router
+
+    tiers = ["smollm2-135m", "gemma3-270m"]
+    router = make_router("examples.custom_router:LengthRouter", tiers, RouterConfig(), input_dim=8)
+    assert router.name == "examples.custom_router:LengthRouter"
+
+    def x(tokens):
+        return RouterInput(np.zeros(8, np.float32), tokens, 0.0, 0, 0.0, 0, {}, None, None)
+    assert router.route(x(5)).tier == tiers[0]  # nothing learned: the cheapest tier
+    router.partial_fit([RouterExample(x(4), best_tier=tiers[0]), RouterExample(x(40), best_tier=tiers[1])])
+    assert router.route(x(35)).tier == tiers[1] and router.route(x(6)).tier == tiers[0]
+    with pytest.raises(ConfigError, match="not a subclass"):
+        make_router("examples.custom_router:np", tiers, RouterConfig(), input_dim=8)
+    with pytest.raises(ConfigError, match="cannot import"):
+        make_router("no_such_pkg.mod:Router", tiers, RouterConfig(), input_dim=8)
+
+
+# ---- every experiment builds its components on every shipped profile (no generation) -----------------
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_experiment_components_build_on_every_profile(name, tmp_path):
+    """The server profiles embed with an LLM tier (embedding.model = llm-encoder), which needs an
+    inference pool: each experiment's embedder, routers, pools and memory must still build."""
+    import dataclasses
+
+    from ruvllm_lab.experiments import routing
+    from ruvllm_lab.experiments.outcomes import make_pool
+    from ruvllm_lab.memory import MemoryService
+    from ruvllm_lab.router import make_router
+
+    cfg = Config.load(ROOT / "configs" / f"{name}.toml", overrides={"memory.db_path": str(tmp_path / "m.db"),
+                                                                   "system.data_dir": str(tmp_path / "state")})
+    tiers = cfg.inference.models if len(cfg.inference.models) >= 2 else ["smollm2-135m", "gemma3-270m"]
+    embedder = routing.make_embedder(cfg)  # routing, forgetting and compression all build it this way
+    assert embedder.dimension == cfg.embedding.dimension
+    assert embedder.backend_name.startswith(cfg.embedding.model)
+    if cfg.embedding.model == "llm-encoder":
+        assert embedder.pool is not None and cfg.embedding.encoder_tier in embedder.pool.tiers
+    for router_name in routing.DEFAULT_ROUTERS:  # routing (online) and forgetting (fastgrnn)
+        router = make_router(router_name, tiers, cfg.router, input_dim=cfg.embedding.dimension, seed=0)
+        assert router.tiers == list(tiers)
+    pool = make_pool(cfg, tiers)  # outcome collection and compression answers; lazy: nothing loads
+    try:
+        assert list(pool.tiers) == list(tiers)
+    finally:
+        pool.close()
+    mem = MemoryService(dataclasses.replace(cfg.memory, db_path=str(tmp_path / "compress.db")),
+                        dimension=cfg.embedding.dimension, embedder=embedder)
+    try:
+        assert mem.count() == 0
+    finally:
+        mem.close()
+    embedder.pool and embedder.pool.close()

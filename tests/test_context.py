@@ -48,6 +48,8 @@ def test_note_question_from_metadata_or_text():
     ("verified", "concept", {}, 0.9, False),
     ("verified", "correction", {}, 1.0, True),
     ("all", "interaction", {"verification": "unverified"}, 0.9, True),
+    ("all", "interaction", {"verification": "unverified"}, 0.2, True),
+    ("all", "interaction", {"verification": "gold"}, 0.0, False),
     ("all", "interaction", {"verification": "corrected"}, 0.9, False),
     ("all", "concept", {}, 0.9, True),
     ("off", "correction", {}, 1.0, False),
@@ -83,7 +85,9 @@ def test_pairs_are_held_out_and_labelled():
     assert not {r["question"] for r in calib} & {r["question"] for r in eval_}
     pairs = question_pairs(eval_)
     assert pairs.related.sum() == 3 * len(eval_)
-    assert (~pairs.related).sum() == len(eval_) * (len(eval_) - 1)
+    siblings = sum(len(r["siblings"]) for r in eval_)
+    assert siblings >= 10  # hard negatives: same template, another slot filler
+    assert (~pairs.related).sum() == len(eval_) * (len(eval_) - 1) + siblings
 
 
 def test_gate_precision_on_held_out_pairs_with_minilm():
@@ -98,3 +102,20 @@ def test_gate_precision_on_held_out_pairs_with_minilm():
     assert gate["precision"] >= 0.95
     assert gate["false_positive_rate"] <= cosine_only["false_positive_rate"]
     assert gate["recall"] >= 0.5  # paraphrases still get through
+
+
+@pytest.mark.parametrize("a, b", [
+    ("What is the chemical symbol for calcium?", "What is the chemical symbol for sodium?"),
+    ("How many legs does a spider have?", "How many legs does an ant have?"),
+    ("How many sides does a hexagon have?", "How many sides does an octagon have?"),
+    ("What organ pumps blood through the human body?", "What organ filters blood in the human body?"),
+    ("Which keyword defines a function in Python?", "Which keyword defines a class in Python?"),
+])
+def test_sibling_questions_do_not_agree(a, b):
+    assert not key_terms_agree(a, b) and not key_terms_agree(b, a)
+
+
+def test_every_shipped_paraphrase_agrees_with_its_question():
+    misses = [(r["question"], p) for r in load_memory_eval() for p in r["paraphrases"]
+              if not key_terms_agree(r["question"], p)]
+    assert len(misses) <= 0.1 * 2 * len(load_memory_eval()), misses

@@ -123,7 +123,7 @@ def test_capital_of_france_is_paris(pool):
     assert isinstance(g, Generation) and g.tier == SMALL
     assert "Paris" in g.text
     assert g.finish_reason == "stop" and 0 < g.completion_tokens <= 16
-    assert g.prompt_tokens_evaluated == g.prompt_tokens > 0 and not g.truncated
+    assert 0 < g.prompt_tokens_evaluated <= g.prompt_tokens and not g.truncated
     assert g.latency_ms >= g.ttft_ms > 0
 
 
@@ -168,7 +168,8 @@ def test_second_session_turn_evaluates_fewer_prompt_tokens_than_cold(pool):
     warm = pool.generate(SMALL, turn2, temperature=0.0, max_tokens=12, session_id="s1")
     cold = pool.generate(SMALL, turn2, temperature=0.0, max_tokens=12)
     assert warm.prompt_tokens == cold.prompt_tokens
-    assert cold.prompt_tokens_evaluated == cold.prompt_tokens
+    # a request without a session still reuses a cached prefix of the shared chat template, no more
+    assert cold.prompt_tokens_evaluated <= cold.prompt_tokens
     assert 0 < warm.prompt_tokens_evaluated < cold.prompt_tokens_evaluated
 
 

@@ -2,6 +2,7 @@
 memory reinforcement and attention training with the real memory store."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -12,7 +13,7 @@ import torch
 from ruvllm_lab.config import STATE_FILES, Config
 from ruvllm_lab.errors import RequestNotFound
 from ruvllm_lab.learning.metrics import AccuracyMatrix, average_forgetting
-from ruvllm_lab.learning.service import Interaction, LearningService, label_from_scores
+from ruvllm_lab.learning.service import Interaction, LearningService
 from ruvllm_lab.router import RouterInput, make_router
 
 D = 16
@@ -22,7 +23,10 @@ NEEDS_LARGE = {TIERS[0]: 0.2, TIERS[1]: 0.9}  # only the large tier is good -> l
 
 
 def _config(tmp_path, **overrides) -> Config:
+    # router.sparsity 0.8: at the default 0.95 a 16-unit cell keeps ~23 input weights, too few to hold
+    # both phases of the forgetting task (measured: ewc+replay then cannot learn phase 1)
     base = {"inference.models": TIERS, "system.data_dir": str(tmp_path / "state"), "router.hidden_dim": 16,
+            "router.sparsity": 0.8,
             "learning.min_examples": 8, "learning.steps_per_cycle": 50, "learning.learning_rate": 0.01,
             "learning.ewc_lambda": 100.0, "learning.replay_ratio": 0.5, "memory.db_path": str(tmp_path / "m.db")}
     base.update(overrides)
@@ -72,13 +76,16 @@ def _two_phase_forgetting(tmp_path, seed=0, cycles=4, **overrides):
 
 
 # ---- unit ---------------------------------------------------------------------------------------------
-def test_label_is_cheapest_tier_meeting_threshold_else_best():
-    tiers = ["s", "m", "l"]
-    assert label_from_scores({"s": 0.85, "m": 0.9, "l": 0.99}, tiers, 0.8) == "s"
-    assert label_from_scores({"s": 0.5, "m": 0.8, "l": 0.99}, tiers, 0.8) == "m"
-    assert label_from_scores({"s": 0.5, "m": 0.6, "l": 0.4}, tiers, 0.8) == "m"
-    assert label_from_scores({"l": 0.3}, tiers, 0.8) == "l"
-    assert label_from_scores({}, tiers, 0.8) is None
+def test_full_information_scores_pin_the_cheapest_adequate_tier(tmp_path):
+    cfg = _config(tmp_path)
+    svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D), resume=False)
+    x = _x(np.ones(D))
+    small = svc.example_of(Interaction("s", x, tier_scores=dict(SMALL_OK)))
+    large = svc.example_of(Interaction("l", x, tier_scores=dict(NEEDS_LARGE)))
+    assert small.outcomes == {TIERS[0]: 1.0, TIERS[1]: 1.0} and small.exact_tier(TIERS) == TIERS[0]
+    assert large.outcomes == {TIERS[0]: 0.0, TIERS[1]: 1.0} and large.exact_tier(TIERS) == TIERS[1]
+    # a middling score (rating 3 on the rating scale) is no label at all
+    assert svc.example_of(Interaction("m", x, tier_scores={TIERS[0]: 0.5})) is None
 
 
 def test_example_imitates_sampling_settings_of_good_answers_only(tmp_path):
@@ -89,9 +96,9 @@ def test_example_imitates_sampling_settings_of_good_answers_only(tmp_path):
     decision = router.route(x)
     good = svc.example_of(Interaction("a", x, decision, {decision.tier: 0.95}))
     bad = svc.example_of(Interaction("b", x, decision, {decision.tier: 0.1}))
-    assert good.best_tier == decision.tier and good.temperature == pytest.approx(decision.temperature)
+    assert good.outcomes == {decision.tier: 1.0} and good.temperature == pytest.approx(decision.temperature)
     assert good.context_items == decision.context_items
-    assert bad.temperature is None and bad.context_items is None
+    assert bad.outcomes == {decision.tier: 0.0} and bad.temperature is None and bad.context_items is None
     assert svc.example_of(Interaction("c", x, decision)) is None
 
 
@@ -106,7 +113,7 @@ def test_record_validates_scores_and_late_feedback(tmp_path):
     assert svc.example_of(svc._recent["b"]) is None
     svc.add_score("b", TIERS[1], 0.9)
     assert svc.pending == 1
-    assert svc.example_of(svc._recent["b"]).best_tier == TIERS[1]
+    assert svc.example_of(svc._recent["b"]).outcomes == {TIERS[1]: 1.0}  # only the tier that was judged
     assert svc.tier_quality() == {TIERS[1]: pytest.approx(0.9)}
     with pytest.raises(RequestNotFound):
         svc.add_score("nope", TIERS[0], 0.5)
@@ -252,3 +259,121 @@ def test_memory_edges_and_attention_learn_from_outcomes(tmp_path):
         assert report["memory_reinforced"] == 2
         assert report["attention_steps"] == 1 and attention.trained and math.isfinite(report["attention_loss"])
         assert memory.get(good[0]).quality > memory.get(bad[0]).quality
+
+
+def test_feedback_rating_and_correction_become_outcomes(tmp_path):
+    cfg = _config(tmp_path)
+    svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D), resume=False)
+    x = _x(np.ones(D))
+    d = svc.route(x)
+    svc.record(Interaction("r", x, d, signals={d.tier: {"logprob": 0.2}}))  # weak: a low log-prob
+    weak = svc.example_of(svc._recent["r"])
+    assert weak.outcomes == {d.tier: 0.0} and weak.weights[d.tier] == cfg.learning.logprob_weight
+    svc.add_feedback("r", d.tier, rating=4)  # the user's rating overrules the log-prob
+    rated = svc.example_of(svc._recent["r"])
+    assert rated.outcomes == {d.tier: 1.0} and rated.weights[d.tier] == 1.0
+    svc.add_feedback("r", d.tier, rating=5, correction="It is 42.")  # a correction means it was wrong
+    assert svc.example_of(svc._recent["r"]).outcomes == {d.tier: 0.0}
+    with pytest.raises(ValueError, match="rating"):
+        svc.add_feedback("r", d.tier)
+
+
+def test_observe_feeds_a_bandit_outcome_through_the_serving_path(tmp_path):
+    cfg = _config(tmp_path, **{"learning.min_examples": 4})
+    svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D), resume=False, persist=False)
+    for j in range(4):
+        x = _x(np.full(D, j / 4))
+        d = svc.route(x)
+        inter = svc.observe(x, d, adequate=True, cost=1.0)
+        assert set(inter.signals) == {d.tier}
+    report = svc.learn()
+    assert report["swapped"] and not svc.state_paths()["router_weights"].exists()  # persist=False
+    assert report["offpolicy"]["serving_router"]["n"] == 4
+    with pytest.raises(ValueError, match="exactly one"):
+        svc.observe(x, d)
+
+
+def test_attention_trains_on_a_copy_and_the_served_engine_adopts_it(tmp_path):
+    from ruvllm_lab.attention import GraphAttentionEngine
+    from ruvllm_lab.memory import MemoryService
+
+    cfg = _config(tmp_path, **{"memory.similar_edges_k": 0})
+    rng = np.random.default_rng(0)
+    with MemoryService(cfg.memory, dimension=D) as memory:
+        ids = []
+        for i in range(4):
+            v = rng.normal(size=D).astype(np.float32)
+            ids.append(memory.add(f"fact {i}", vector=v / np.linalg.norm(v)))
+        memory.add_edge(ids[0], ids[1], "similar", 0.5)
+        memory.add_edge(ids[0], ids[2], "similar", 0.5)
+        attention = GraphAttentionEngine(cfg.attention, D)
+        serving_net = attention.net
+        before = {k: v.clone() for k, v in serving_net.state_dict().items()}
+        svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, D), memory=memory,
+                              attention=attention, resume=False)
+        q = rng.normal(size=D).astype(np.float32)
+        d = svc.route(_x(q))
+        svc.record(Interaction("g", _x(q), d, {d.tier: 1.0}, node_ids=[ids[0]]))
+        report = svc.learn()
+        assert report["attention_steps"] == 1
+        # the network that was serving was never trained in place; the engine now serves the trained copy
+        for k, v in serving_net.state_dict().items():
+            torch.testing.assert_close(v, before[k])
+        assert attention.net is not serving_net and attention.trained and not attention.net.training
+
+
+def test_learned_state_is_never_unpickled(tmp_path):
+    """A pickle with a code payload in any learned-state file is refused and never executed (issue 14)."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    acc, svc = _two_phase_forgetting(tmp_path, cycles=1)
+    attention_path = svc.state_paths()["attention_weights"]
+    for path in list(svc.state_paths().values()) + [attention_path]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            pickle.dump({"state": Payload()}, f)
+    from ruvllm_lab.attention import GraphAttentionEngine
+    attention = GraphAttentionEngine(svc.config.attention, D)
+    resumed = LearningService(svc.config, make_router("fastgrnn", TIERS, svc.config.router, D), attention=attention)
+    assert not marker.exists()
+    assert resumed.load_state() == []  # every file refused, the service starts fresh
+    assert not marker.exists()
+
+
+@pytest.mark.model
+def test_shadow_evaluation_answers_a_neighbour_tier_when_idle_and_yields_to_a_request(tmp_path):
+    """Real model: a rated-good answer of the 0.5B tier is re-answered by the resident 135M tier.
+    A request arriving mid-generation stops the shadow answer at the next token (the job is kept);
+    once idle again it completes and becomes a two-tier full-information row."""
+    from ruvllm_lab import RuvLLM
+
+    cfg = _config(tmp_path, **{"learning.shadow_rate": 1.0, "inference.max_tokens": 16,
+                               "embedding.dimension": 384, "router.hidden_dim": 16})
+    with RuvLLM(cfg) as llm:
+        llm.pool.generate(TIERS[0], "Hello", max_tokens=1)  # resident: shadow evaluation never loads a model
+        x = RouterInput(np.ones(384, np.float32) / np.sqrt(384), 8, 0.0, 0, 0.0, 0, {}, None, None)
+        d = llm.learning.route(dataclasses.replace(x, forced_tier=TIERS[1]))
+        llm.learning.record(Interaction("s1", x, d, signals={TIERS[1]: {"rating": 5}},
+                                        query="What is the capital of France?", answer="Paris"))
+        assert llm.learning.shadow_stats["queued"] == 1
+        calls = []
+
+        def request_arrives():  # idle when the job starts, a request in flight from the next check on
+            calls.append(1)
+            return len(calls) > 1
+
+        assert llm.learning.shadow_step(llm._shadow_answer, request_arrives, llm.pool.loaded_models) == "preempted"
+        assert len(calls) == 2 and llm.learning.shadow_stats["preempted"] == 1  # stopped after one token
+        assert llm.shadow_evaluate() == {"answered": 1, "idle-queue": 1}
+        report = llm.learn()
+        assert report["shadow_examples"] == 1
+        rows = [e for e in llm.learning._waiting if len(e.outcomes or {}) == 2]  # fewer than min_examples: waiting
+        assert len(rows) == 1 and rows[0].outcomes[TIERS[1]] == 1.0 and rows[0].outcomes[TIERS[0]] in (0.0, 1.0)
+        assert rows[0].weights[TIERS[0]] == cfg.learning.shadow_weight  # judged by agreement with "Paris"

@@ -27,11 +27,12 @@ def llm(tmp_path_factory):
 
 
 def test_query_returns_text_sources_and_routing_info(llm):
-    llm.query("The Eiffel Tower is in Paris.")
+    llm.memory.add("The Eiffel Tower is in Paris.", kind="document", vector=llm.embedder.embed_one(
+        "The Eiffel Tower is in Paris."))
     r = llm.query_with(Request("Where is the Eiffel Tower?", constraints=Constraints(temperature=0.0)))
     assert r.text.strip()
     assert r.request_id.startswith("req-")
-    assert r.sources and any("Eiffel" in s.text for s in r.sources)
+    assert r.sources and any("Eiffel" in s.text and s.provenance == "Document" for s in r.sources)
     assert r.routing_info["tier"] in llm.config.inference.models
     assert 0.0 <= r.routing_info["confidence"] <= 1.0
     for stage in ("embed", "retrieve", "route", "attention", "generate", "judge", "writeback", "total"):
@@ -40,13 +41,51 @@ def test_query_returns_text_sources_and_routing_info(llm):
     assert 0.0 <= r.confidence <= 1.0
 
 
-def test_memories_below_the_relevance_floor_are_not_shown(llm):
-    llm.query_with(Request("Giraffes are the tallest living animals.", constraints=Constraints(max_tokens=4)))
+def test_memories_below_the_relevance_threshold_are_not_shown(llm):
+    llm.memory.add("Giraffes are the tallest living animals.", kind="document",
+                   vector=llm.embedder.embed_one("Giraffes are the tallest living animals."))
     r = llm.query_with(Request("Compute 17 * 3.", constraints=Constraints(max_tokens=4)))
     q = llm.embedder.embed_one("Compute 17 * 3.")
-    for s in r.sources:  # every memory shown clears the configured cosine floor
-        assert float(llm.embedder.embed_one(s.text) @ q) >= llm.config.attention.min_relevance - 1e-4
+    for s in r.sources:  # every memory shown clears the calibrated cosine threshold
+        assert float(llm.memory.vector(s.node_id) @ q) >= llm.config.retrieval.relevance_threshold - 1e-4
     assert not any("Giraffes" in s.text for s in r.sources)
+
+
+def _interaction_node(llm, request_id):
+    [node] = [n for n in llm.memory.nodes("interaction") if n.metadata.get("request_id") == request_id]
+    return node
+
+
+def test_unverified_answers_stay_in_memory_but_not_in_the_prompt(llm):
+    """An answer nobody checked is not handed to the next query as a fact; once rated it is."""
+    q = "What is the chemical symbol for calcium?"
+    first = llm.query_with(Request(q, constraints=Constraints(model="smollm2-135m", max_tokens=8)))
+    node = _interaction_node(llm, first.request_id)
+    assert node.metadata["verification"] == "unverified" and node.metadata["question"] == q
+    again = llm.query_with(Request(q, constraints=Constraints(model="smollm2-135m", max_tokens=8)))
+    assert not any(s.node_id == node.id for s in again.sources)
+    llm.feedback(Feedback(first.request_id, rating=5))
+    rated = llm.memory.get(node.id)
+    assert rated.metadata["verification"] == "rated" and rated.metadata["rating"] == 5 and rated.quality == 1.0
+    para = llm.query_with(Request("Calcium has which chemical symbol?",
+                                  constraints=Constraints(model="smollm2-135m", max_tokens=8)))
+    shown = [s for s in para.sources if s.node_id == node.id]
+    assert shown and shown[0].provenance == "Earlier answer, rated 5/5 by a user"
+    other = llm.query_with(Request("What is the chemical symbol for sodium?",
+                                   constraints=Constraints(model="smollm2-135m", max_tokens=8)))
+    assert not any(s.node_id == node.id for s in other.sources)  # close in embedding, another question
+
+
+def test_a_gold_checked_answer_is_verified_and_a_correction_revokes_trust(llm):
+    r = llm.query_with(Request("How many legs does a spider have?", gold_answer="8",
+                               constraints=Constraints(model="qwen2.5-coder-0.5b", max_tokens=8)))
+    node = _interaction_node(llm, r.request_id)
+    assert node.metadata["verification"] == "gold" and node.quality in (0.0, 1.0)
+    llm.feedback(Feedback(r.request_id, correction="A spider has 8 legs."))
+    assert llm.memory.get(node.id).metadata["verification"] == "corrected"
+    para = llm.query_with(Request("A spider has how many legs?", constraints=Constraints(model="smollm2-135m",
+                                                                                         max_tokens=8)))
+    assert [s.kind for s in para.sources] == ["correction"]  # the correction alone outranks everything
 
 
 def test_every_query_is_written_back_as_an_interaction(llm):
@@ -179,5 +218,5 @@ def test_demo_runs_the_loop_and_uses_the_correction(tmp_path, capsys):
     out = capsys.readouterr().out
     for section in ("1. questions", "2. feedback", "3. a session", "health"):
         assert section in out
-    assert "correction retrieved: True; answer mentions Canberra: True" in out
+    assert "correction retrieved: True; answer is Canberra (strict match): True" in out
     assert "'correction_node':" in out and "overall: healthy" in out

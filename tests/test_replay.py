@@ -119,3 +119,41 @@ def test_state_roundtrip_and_save_load(tmp_path):
     other = ReplayBuffer(1)
     other.load_state_dict(buf.state_dict())
     assert other.capacity == 8 and other.balance_by_tier
+
+
+def test_router_examples_round_trip_without_pickle(tmp_path):
+    from ruvllm_lab.router import RouterExample, RouterInput
+
+    x = RouterInput(np.arange(4, dtype=np.float32), 7, 0.5, 2, 1.5, 1, {"a": 0.9}, 250.0, None, forced_tier=None)
+    e = RouterExample(x=x, outcomes={"a": 1.0}, weights={"a": 0.25}, context_items=4, state=np.ones(3, np.float32))
+    buf = ReplayBuffer(4, seed=1)
+    buf.extend([e, 3, "text", (1, 2), {"k": [1.5, None]}])
+    loaded = ReplayBuffer.load(buf.save(tmp_path / "replay_buffer.pt"))
+    items = loaded.items()
+    got = next(i for i in items if isinstance(i, RouterExample))
+    np.testing.assert_array_equal(got.x.query_vec, x.query_vec)
+    assert got.x.tier_quality == {"a": 0.9} and got.outcomes == {"a": 1.0} and got.weights == {"a": 0.25}
+    np.testing.assert_array_equal(got.state, e.state)
+    assert sorted(map(repr, items)) == sorted(map(repr, [got] + [i for i in buf.items()
+                                                                 if not isinstance(i, RouterExample)]))
+    bad = ReplayBuffer(2)
+    bad.add(object())
+    with pytest.raises(TypeError, match="without pickle"):
+        bad.save(tmp_path / "x.pt")
+
+
+def test_a_pickle_payload_in_the_replay_file_is_refused_not_executed(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "replay_buffer.pt"
+    path.write_bytes(pickle.dumps({"version": 1, "capacity": 1, "reservoirs": Payload()}))
+    with pytest.raises(ValueError, match="refusing to load"):
+        ReplayBuffer.load(path)
+    assert not marker.exists()

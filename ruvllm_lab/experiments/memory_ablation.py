@@ -46,11 +46,12 @@ from ..config import Config
 from ..relevance import MEMORY_EVAL_PATH, load_memory_eval
 from ..types import Constraints, Feedback, Request
 from ..workloads import WorkItem, is_correct
-from .tracking import NullTracker, Tracker, log_experiment
+from .tracking import NullTracker, Tracker, log_experiment, mark_underpowered
 
 POLICIES = ("off", "all", "verified")
 CASES = ("fresh", "cross", "repeat", "paraphrase", "corrected")
 MIN_SEEDS = 3  # below this a 95 % interval over seeds means little: the run is tagged underpowered
+MIN_PER_CASE = 4  # questions per seed in a case below which its per-seed accuracy is too coarse
 
 
 def work_item(row: dict[str, Any]) -> WorkItem:
@@ -70,7 +71,7 @@ def correct_any(row: dict[str, Any], answer: str) -> bool:
 
 
 def correction_text(row: dict[str, Any]) -> str:
-    return f"The answer to \"{row['question']}\" is {row['answer']}."
+    return f"The correct answer is {row['answer']}."
 
 
 @dataclass
@@ -144,7 +145,7 @@ def _ask(llm: Any, text: str, tier: str, max_tokens: int, gold: str | None = Non
 
 def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1, 2, 3, 4), *,
         n_seeded: int = 8, n_fresh: int = 6, n_cross: int = 8, n_corrected: int = 4,
-        policies: Sequence[str] = POLICIES, seed_tier: str | None = None, max_tokens: int = 24,
+        policies: Sequence[str] = POLICIES, seed_tier: str | None = None, max_tokens: int = 32,
         data_path: str | Path = MEMORY_EVAL_PATH, work_dir: str | Path | None = None,
         tracker: Tracker | None = None, progress: bool = True) -> MemoryAblationResult:
     """The memory ablation (module docstring).  ``tiers`` default to every tier of the profile."""
@@ -189,6 +190,8 @@ def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int]
         bar(1)
 
     try:
+        for tier in dict.fromkeys(list(tiers) + [seed_tier]):  # load every model before anything is timed
+            pool.generate(tier, [{"role": "user", "content": "Hello."}], max_tokens=1, temperature=0.0)
         for seed in seeds:
             split = split_items(rows_eval, tiers, seed, n_seeded, n_fresh, n_cross, n_corrected)
             seeded_state = root / f"seed{seed}" / "seeded"
@@ -202,7 +205,8 @@ def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int]
                     corrections[row["id"]] = llm.feedback(Feedback(r.request_id, correction=correction_text(row)))[
                         "correction_node"]
                     bar(1)
-            for policy in policies:
+            rotation = seed % len(policies)  # machine load drifts: no policy always runs first
+            for policy in list(policies)[rotation:] + list(policies)[:rotation]:
                 state = root / f"seed{seed}" / policy
                 shutil.copytree(seeded_state, state)
                 with instance(state, policy) as llm:
@@ -312,8 +316,10 @@ def _log(tracker: Tracker, result: MemoryAblationResult) -> None:
     tracker.log_table(result.criteria, "criteria.csv")
     tracker.log_table(result.rows, "answers.csv")
     tracker.log_figure(result.figures["accuracy"], "accuracy.png")
-    if result.underpowered and hasattr(tracker, "set_tag"):
-        tracker.set_tag("underpowered", "true")
+    reasons = [f"{result.params['n_seeds']} seed(s) < {MIN_SEEDS}"] if result.underpowered else []
+    reasons += [f"{n} questions per seed in a case < {MIN_PER_CASE}" for n in
+                sorted({int(v) for v in result.summary.n_per_seed if v < MIN_PER_CASE})]
+    mark_underpowered(tracker, reasons, "memory ablation")
 
 
 def _progress(total: int, enabled: bool) -> Callable[..., None]:

@@ -1,14 +1,23 @@
 """Cost-quality metrics of a router, after RouteLLM (Ong et al., 2024, "RouteLLM: Learning to
-Route LLMs with Preference Data", §5), generalised from two models to a tier ladder.
+Route LLMs with Preference Data", §5, and ``routellm/evals/evaluate.py``), generalised from
+two models to a tier ladder, plus the bootstrap interval every experiment reports.
 
 A router with a knob (a threshold) traces a **cost-quality curve**: points ``(c_i, q_i)``
-where ``c`` is the *normalised cost* and ``q`` the quality (accuracy) at that knob setting.
-RouteLLM's x-axis is the fraction of calls to the strong model; with a ladder we use
+where ``c`` is the x-axis and ``q`` the quality (accuracy) at that knob setting.  RouteLLM's
+x-axis is the *share of calls to the strong model* (``strong_percentage / 100``); AUC is
+``np.trapz(accuracy, strong_share)`` over the router's points and APGR
+``(AUC - AUC_weak) / (AUC_strong - AUC_weak)`` with the constant weak/strong accuracies
+integrated over the same x-range -- exactly ``apgr`` below.  **How the ladder generalisation
+differs:** with more than two tiers "calls to the strong model" no longer measures spend (a
+call to a middle tier costs something but is not a strong call), so the routing experiment's
+x-axis is the *normalised cost*
 
     c = (cost - cost_weak) / (cost_strong - cost_weak)        in [0, 1]
 
-where ``cost_weak``/``cost_strong`` are the mean per-query costs of always-smallest and
-always-largest.  With two tiers and a per-call cost this *is* the strong-call fraction.
+where cost is parameter-weighted tokens and ``cost_weak``/``cost_strong`` are the mean
+per-query costs of always-smallest and always-largest.  With two tiers and a fixed cost per
+call this *is* the strong-call share; with token-weighted cost it differs by the variation
+of answer lengths.  (The experiment also reports the share of calls to the largest tier.)
 
 Definitions (``q_weak``/``q_strong``: quality of always-smallest / always-largest):
 
@@ -28,6 +37,9 @@ Definitions (``q_weak``/``q_strong``: quality of always-smallest / always-larges
 * **Cost reduction at matched quality**: ``1 - cost_at(q_strong) / cost_strong`` in absolute
   cost units, where ``cost_at(q)`` is the first-crossing cost as in CPT.  ``nan`` when the
   router never matches always-largest.
+
+* **Bootstrap CI** (``bootstrap_ci``): mean over replicates (seeds) and the percentile
+  bootstrap interval of that mean.
 
 All functions are pure: arrays in, floats out.
 """
@@ -150,3 +162,30 @@ def optimal_curve(correct: np.ndarray, tier_costs: Sequence[float], n_points: in
         out_c.append(b / nq)
         out_q.append(n_ok / nq)
     return np.asarray(out_c), np.asarray(out_q)
+
+
+def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, n_resamples: int = 10_000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap confidence interval of the mean: ``(mean, low, high)``.
+
+    ``values``: one number per independent replicate (e.g. one per seed); NaNs (a metric a
+    replicate cannot define) are dropped first.  With no value left all three are nan; with one
+    value the interval is that value (no spread can be estimated -- the caller flags it).
+    Resampling is seeded, so the interval is reproducible.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(v.mean())
+    if v.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return mean, float(low), float(high)

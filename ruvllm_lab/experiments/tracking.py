@@ -20,14 +20,31 @@ Implementations:
   ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlruns/mlflow.db``.  Artifacts of a new
   experiment go to an ``artifacts/`` folder next to a SQLite store, so runs started from any
   working directory (papermill runs notebooks from ``notebooks/``) land in one place.
+
+What a run records, so that it tells the truth about what ran:
+
+* ``log_experiment(tracker, config, params)`` -- the experiment parameters *replace* the config
+  values they override (``seed`` -> ``system.seed``, ``max_tokens`` -> ``inference.max_tokens``,
+  ``buffer_size`` -> ``learning.replay_capacity``, ... see ``CONFIG_KEYS``) before anything is
+  logged: each value is logged once, under the config key when there is one, else as
+  ``exp.<name>``; the resolved config (with an ``[experiment]`` table of every parameter) is the
+  ``config.toml`` artifact.
+* A parameter logged twice must keep its value, and a metric gets one value per step: both
+  trackers raise ``ValueError`` on a contradiction (and skip exact repeats).
+* ``MLflowTracker`` tags the run with the git commit and a dirty flag; ``fail_on_cell_error()``
+  ends the run FAILED when a notebook cell raises (papermill stops there) and KILLED when the
+  kernel exits with the run still open.
 """
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
@@ -45,6 +62,8 @@ class Tracker(Protocol):
     def log_table(self, df: Any, name: str) -> None: ...
 
     def log_text(self, text: str, name: str) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
 
 class NullTracker:
@@ -65,6 +84,9 @@ class NullTracker:
     def log_text(self, text: str, name: str) -> None:
         pass
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
 
 class MemoryTracker:
     """Keeps params, metric histories (``metrics[key] -> [(step, value)]``), tables, figures, texts."""
@@ -75,13 +97,20 @@ class MemoryTracker:
         self.figures: dict[str, Any] = {}
         self.tables: dict[str, Any] = {}
         self.texts: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self.params.update(params)
+        for k, v in params.items():
+            value = param_value(v)
+            _check_param(k, self.params.get(k), value)
+            self.params[k] = value
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         for k, v in metrics.items():
-            self.metrics.setdefault(k, []).append((step, float(v)))
+            history = self.metrics.setdefault(k, [])
+            if _is_repeat(k, step, float(v), {s: x for s, x in history}):
+                continue
+            history.append((step, float(v)))
 
     def log_figure(self, fig: Any, name: str) -> None:
         self.figures[name] = fig
@@ -92,18 +121,146 @@ class MemoryTracker:
     def log_text(self, text: str, name: str) -> None:
         self.texts[name] = text
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
     def last(self, key: str) -> float:
         return self.metrics[key][-1][1]
 
 
+def mark_underpowered(tracker: Tracker, reasons: list[str], experiment: str) -> None:
+    """A run below its meaningful size says so: a printed notice naming each reason, the MLflow
+    tag ``underpowered=true`` (and ``underpowered_reasons``) and an ``underpowered.txt`` artifact.
+    Nothing happens when ``reasons`` is empty."""
+    if not reasons:
+        return
+    text = f"UNDERPOWERED {experiment} run -- its numbers do not support conclusions:\n" + "\n".join(
+        f"  - {r}" for r in reasons)
+    print(text, flush=True)
+    tracker.set_tags({"underpowered": "true", "underpowered_reasons": "; ".join(reasons)})
+    tracker.log_text(text + "\n", "underpowered.txt")
+
+
 def log_config(tracker: Tracker, config: Any) -> None:
     """Log the resolved config: flat params (``section.key``) and the TOML as ``config.toml``."""
-    tracker.log_params({k: _param_value(v) for k, v in config.to_flat_dict().items()})
+    tracker.log_params({k: param_value(v) for k, v in config.to_flat_dict().items()})
     tracker.log_text(config.to_toml(), "config.toml")
 
 
-def _param_value(v: Any) -> Any:
-    return v if isinstance(v, (int, float, str, bool)) else repr(v)
+# Experiment parameter -> the config value it overrides.  An experiment that takes ``seed``
+# runs with that seed whatever ``system.seed`` says, so the run must record that one seed.
+CONFIG_KEYS: dict[str, str] = {
+    "seed": "system.seed",
+    "max_tokens": "inference.max_tokens",
+    "buffer_size": "learning.replay_capacity",
+    "ewc_lambda": "learning.ewc_lambda",
+    "batch_size": "router.batch_size",
+    "learning_rate": "router.learning_rate",
+    "tier": "compression.tier",
+}
+
+
+def logged_key(name: str) -> str:
+    """Where experiment parameter ``name`` is logged: its config key, else ``exp.<name>``."""
+    return CONFIG_KEYS.get(name, f"exp.{name}")
+
+
+def resolve_config(config: Any, params: Mapping[str, Any]) -> Any:
+    """``config`` with every value an experiment parameter overrides replaced by that parameter."""
+    overrides = {CONFIG_KEYS[k]: v for k, v in params.items() if k in CONFIG_KEYS and v is not None}
+    return config.with_overrides(overrides) if overrides else config
+
+
+def log_experiment(tracker: Tracker, config: Any, params: Mapping[str, Any]) -> Any:
+    """Log what an experiment runs with: the resolved config and every parameter, each value once.
+
+    Returns the resolved config.  ``config.toml`` holds the resolved config plus an
+    ``[experiment]`` table with every parameter under its own name.
+    """
+    import tomli_w
+
+    resolved = resolve_config(config, params)
+    flat = {k: param_value(v) for k, v in resolved.to_flat_dict().items()}
+    flat.update({logged_key(k): param_value(v) for k, v in params.items() if v is not None})
+    tracker.log_params(flat)
+    doc = resolved.to_dict()
+    doc["experiment"] = {k: _toml_value(v) for k, v in params.items() if v is not None}
+    tracker.log_text(tomli_w.dumps(doc), "config.toml")
+    return resolved
+
+
+def _toml_value(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool)) for x in v):
+        return list(v)
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def param_value(v: Any) -> Any:
+    """The one text form of a parameter: scalars as they are, a list of scalars comma-joined (what
+    the experiments log for ``tiers`` and ``routers``), anything else as sorted JSON."""
+    if isinstance(v, (int, float, str, bool)):
+        return v
+    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:  # numpy scalar
+        return v.item()
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str, bool)) for x in v):
+        return ",".join(str(x) for x in v)
+    if isinstance(v, os.PathLike):
+        return str(v)
+    try:
+        return json.dumps(v, sort_keys=True, separators=(",", ":"))
+    except TypeError:
+        return repr(v)
+
+
+_param_value = param_value  # older name
+
+
+def _check_param(key: str, old: Any, new: Any) -> None:
+    if old is not None and str(old) != str(new):
+        raise ValueError(f"param {key!r} was logged as {old!r}; a run records one value per parameter, "
+                         f"not also {new!r}")
+
+
+def _is_repeat(key: str, step: int | None, value: float, seen: Mapping[Any, float]) -> bool:
+    """True for an exact repeat of (key, step, value); raises on a second, different value at a step."""
+    if step not in seen:
+        return False
+    old = seen[step]
+    if old == value or (math.isnan(old) and math.isnan(value)):
+        return True
+    raise ValueError(f"metric {key!r} already has {old} at step {step}; one value per step, not also {value}")
+
+
+def readable_run_name(kind: str, **params: Any) -> str:
+    """``routing-n_queries=30-seed=0-1129-134512``: what ran and when, for the MLflow run list."""
+    bits = [kind] + [f"{k}={_short(v)}" for k, v in params.items()]
+    return "-".join(bits + [time.strftime("%m%d-%H%M%S")])
+
+
+def _short(v: Any) -> str:
+    text = v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), default=str)
+    return "".join(c if c.isalnum() or c in "-._,=" else "_" for c in text)[:24]
+
+
+def git_tags(root: str | os.PathLike = None) -> dict[str, str]:
+    """The commit the code was run from and whether tracked files differed from it."""
+    root = str(root or PROJECT_ROOT)
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit, "mlflow.source.git.commit": commit,
+            "git.dirty": "unknown" if dirty is None else str(bool(dirty)).lower()}
 
 
 def default_tracking_uri() -> str:
@@ -181,9 +338,11 @@ class MLflowTracker:
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             self.experiment_id = self._experiment_id(experiment, db)
         self.experiment = experiment
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**git_tags(), **dict(tags or {})})
         self.run_id = run.info.run_id
         self._ended = False
+        self._params: dict[str, str] = {}
+        self._steps: dict[str, dict[int, float]] = {}
 
     def _experiment_id(self, experiment: str, db: Path | None) -> str:
         exp = self.client.get_experiment_by_name(experiment)
@@ -202,19 +361,28 @@ class MLflowTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.run_id).data.params
-        fresh = [Param(safe_key(k), str(_param_value(v))[:6000]) for k, v in params.items()
-                 if safe_key(k) not in existing]
+        fresh = []
+        for k, v in params.items():
+            key, value = safe_key(k), str(param_value(v))[:6000]
+            _check_param(key, self._params.get(key), value)
+            if key not in self._params:
+                self._params[key] = value
+                fresh.append(Param(key, value))
         for i in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=fresh[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(safe_key(k), v, ts, step or 0) for k, v in _finite(metrics).items()]
+        items = []
+        for k, v in _finite(metrics).items():
+            key, at = safe_key(k), step or 0
+            seen = self._steps.setdefault(key, {})
+            if _is_repeat(key, at, v, seen):
+                continue
+            seen[at] = v
+            items.append(Metric(key, v, ts, at))
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
@@ -241,6 +409,38 @@ class MLflowTracker:
         if not self._ended:
             self.client.set_terminated(self.run_id, status)
             self._ended = True
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def fail_on_cell_error(self) -> bool:
+        """In an IPython kernel: end the run FAILED as soon as a cell raises (papermill stops
+        executing there, so the closing ``end()`` never runs), and KILLED if the kernel exits
+        with the run still open.  Returns False outside IPython."""
+        import atexit
+
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        ip = get_ipython()
+        if ip is None:
+            return False
+
+        def on_cell(result) -> None:
+            if (result.error_in_exec is not None or result.error_before_exec is not None) and not self._ended:
+                self.end("FAILED")
+
+        ip.events.register("post_run_cell", on_cell)
+        atexit.register(self._end_at_exit)
+        return True
+
+    def _end_at_exit(self) -> None:
+        try:
+            self.end("KILLED")
+        except Exception:  # the store may be gone (a temporary directory) by interpreter exit
+            pass
 
     def __enter__(self) -> "MLflowTracker":
         return self

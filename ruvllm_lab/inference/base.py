@@ -1,9 +1,13 @@
-"""The backend contract every inference engine implements, and the `Generation` result.
+"""The backend contract every inference engine implements, the `Generation` result, and the
+one token loop (`TokenDecoder`) every backend drives.
 
-A backend owns one loaded model.  It is *not* thread-safe: the pool serialises calls
-per model (one generation at a time, a FIFO wait queue in front of it).  Every backend
-drives generation token by token so that deadlines, stop sequences, prefix reuse and
-log-probabilities behave the same whichever engine runs underneath.
+A backend owns one loaded model.  A backend whose `batches` is False is *not* thread-safe:
+the pool serialises its calls (one generation at a time, a FIFO wait queue in front of it).
+A backend whose `batches` is True (llama.cpp) takes concurrent `run` calls and decodes them
+together, one batch per step.  Either way the per-request logic (sampling, stop sequences,
+max_tokens, deadlines, cancellation, log-probabilities, streamed text) lives in
+`TokenDecoder`, so a fix there reaches every engine; a backend supplies only "next logits"
+and "feed token".
 
 Timing contract (all in milliseconds, measured from `GenerationRequest.started_at`,
 which the pool sets on entry, so queue wait and a lazy load count):
@@ -14,13 +18,14 @@ which the pool sets on entry, so queue wait and a lazy load count):
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Generator, Iterator
+from typing import Callable, Generator
 
 import numpy as np
 
-FINISH_REASONS = ("stop", "length", "deadline")
+FINISH_REASONS = ("stop", "length", "deadline", "cancelled")
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Generation:
     latency_ms: float
     ttft_ms: float
     tokens_per_s: float
-    finish_reason: str  # "stop" | "length" | "deadline"
+    finish_reason: str  # "stop" | "length" | "deadline" | "cancelled"
     logprobs: list[float] | None = None
     truncated: bool = False
 
@@ -57,9 +62,19 @@ class GenerationRequest:
     session_id: str | None = None
     logprobs: bool = False
     started_at: float = field(default_factory=time.perf_counter)
+    cancel: threading.Event | None = None  # set by the caller (e.g. client disconnect): stop at the next step
 
     def deadline_passed(self) -> bool:
         return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def interrupted(self) -> str | None:
+        """'cancelled' or 'deadline' when generation must stop now, else None."""
+        if self.cancelled():
+            return "cancelled"
+        return "deadline" if self.deadline_passed() else None
 
 
 # A backend's token loop: yields text chunks, returns the Generation (StopIteration.value).
@@ -71,6 +86,7 @@ class Backend(abc.ABC):
 
     tier: str
     n_ctx: int
+    batches: bool = False  # True: `run` is thread-safe and concurrent calls share decode steps
 
     @abc.abstractmethod
     def run(self, request: GenerationRequest) -> GenerationLoop:
@@ -209,3 +225,99 @@ def common_prefix_len(a, b) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+class TokenDecoder:
+    """One request's side of the token loop, shared by every backend.
+
+    The backend computes logits; `accept(logits)` samples a token, applies end-of-generation,
+    stop sequences, max_tokens, deadline and cancellation, records the log-probability (only
+    when the request asked for it: the softmax over the vocabulary is the costly part), and
+    returns the text now safe to stream.  While `finish_reason` is None the backend feeds
+    `next_token` to the model and calls `accept` again with the logits that follow.
+
+    `new_bytes(completion)` returns the bytes the newest completion token adds to the text
+    (llama.cpp: the token's piece; transformers: the difference of two decodes).
+    """
+
+    def __init__(self, request: GenerationRequest, prompt_tokens: int, max_new: int, stop: list[str],
+                 is_end: Callable[[int], bool], new_bytes: Callable[[list[int]], bytes],
+                 rng: np.random.Generator, tier: str, truncated: bool = False):
+        self.request, self.prompt_tokens, self.max_new, self.tier = request, prompt_tokens, max_new, tier
+        self.truncated = truncated
+        self._is_end, self._new_bytes, self._rng = is_end, new_bytes, rng
+        self.assembler = TextAssembler(stop)
+        self.completion: list[int] = []
+        self.logprobs: list[float] | None = [] if request.logprobs else None
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.finish_reason: str | None = None if max_new > 0 else "length"
+        self.next_token: int | None = None  # sampled, not yet fed to the model
+        self.evaluated = 0  # prompt tokens run through the model (the rest were a cached prefix)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def interrupt(self) -> bool:
+        """Finish now if the request was cancelled or its deadline passed; True if it did."""
+        if self.finish_reason is None:
+            self.finish_reason = self.request.interrupted()
+        return self.finish_reason is not None
+
+    def accept(self, logits: np.ndarray) -> str:
+        """Sample the next token from `logits` (vocab,); return text to stream ('' if none yet)."""
+        req = self.request
+        token = sample_token(logits, req.temperature, req.top_p, self._rng)
+        self.t_last = time.perf_counter()
+        self.t_first = self.t_first or self.t_last
+        self.next_token = None
+        if self._is_end(token):
+            self.finish_reason = "stop"
+            return ""
+        self.completion.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token))
+        text = self.assembler.feed(self._new_bytes(self.completion))
+        if self.assembler.stopped:
+            self.finish_reason = "stop"
+        elif len(self.completion) >= self.max_new:
+            self.finish_reason = "length"
+        elif not self.interrupt():
+            self.next_token = token
+        return text
+
+    def finish(self, reason: str | None = None) -> str:
+        """End generation (`reason` if it has not ended yet); return the text still held back."""
+        self.finish_reason = self.finish_reason or reason or "length"
+        self.next_token = None
+        return self.assembler.finish()
+
+    def result(self) -> Generation:
+        end = time.perf_counter()
+        started = self.request.started_at
+        return Generation(
+            text=self.assembler.text, tier=self.tier, prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.completion), prompt_tokens_evaluated=self.evaluated,
+            latency_ms=(end - started) * 1e3, ttft_ms=((self.t_first or end) - started) * 1e3,
+            tokens_per_s=decode_rate(len(self.completion), self.t_first, self.t_last),
+            finish_reason=self.finish_reason or "length", logprobs=self.logprobs, truncated=self.truncated)
+
+
+def decode_loop(decoder: TokenDecoder, prefill: Callable[[], np.ndarray | None],
+                feed_token: Callable[[int], np.ndarray]) -> GenerationLoop:
+    """The single-sequence loop: `prefill()` runs the prompt and returns the next logits (None if
+    it was interrupted), `feed_token(t)` runs one token and returns the logits after it."""
+    if not decoder.interrupt():
+        logits = prefill()
+        if logits is None:
+            decoder.interrupt()
+        while logits is not None and not decoder.done:
+            text = decoder.accept(logits)
+            if text:
+                yield text
+            logits = feed_token(decoder.next_token) if decoder.next_token is not None else None
+    tail = decoder.finish()
+    if tail:
+        yield tail
+    return decoder.result()

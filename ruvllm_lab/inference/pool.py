@@ -7,7 +7,9 @@ Residency rules
       generating, or has requests queued for it, is pinned and never evicted: the
       newcomer waits instead (so two requests that need different models at the limit
       take turns rather than deadlock: each request pins at most one model at a time);
-    * one generation per model at a time, behind a FIFO wait queue.
+    * a batching backend (llama.cpp) takes every request at once and decodes them together
+      (continuous batching, `inference.max_batch_sequences`); any other backend runs one
+      generation per model at a time, behind a FIFO wait queue.
 
 Deadlines (`max_latency_ms`) run from the moment the call enters the pool, so queue
 wait and a lazy load count.  A budget spent before the model could run gives a
@@ -124,6 +126,10 @@ class InferencePool:
         self._tokenizer_lock = threading.Lock()
         self._closed = False
         self._warned_vllm = False
+        # Shutdown safety: threads inside a backend step right now, and the cancel flags of the
+        # generations in flight; close() cancels those and frees no model while a step runs.
+        self._stepping = 0
+        self._active: set[threading.Event] = set()
 
     # ---- introspection ------------------------------------------------------------------
     @property
@@ -242,7 +248,7 @@ class InferencePool:
 
     # ---- generation -----------------------------------------------------------------------
     def _request(self, prompt, max_tokens, temperature, top_p, stop, max_latency_ms, session_id,
-                 logprobs) -> GenerationRequest:
+                 logprobs, cancel=None) -> GenerationRequest:
         started = time.perf_counter()
         cfg = self.config
         max_tokens = cfg.max_tokens if max_tokens is None else int(max_tokens)
@@ -259,39 +265,74 @@ class InferencePool:
         deadline = None if max_latency_ms is None else started + max(0.0, float(max_latency_ms)) / 1e3
         return GenerationRequest(messages=normalize_messages(prompt), max_tokens=max_tokens, temperature=temperature,
                                  top_p=top_p, stop=list(stop or []), deadline=deadline, session_id=session_id,
-                                 logprobs=logprobs, started_at=started)
+                                 logprobs=logprobs, started_at=started, cancel=cancel or threading.Event())
 
     def _run(self, tier: str, request: GenerationRequest) -> GenerationLoop:
         backend = self._acquire(tier, request.deadline)
         if backend is None:
             return _deadline_before_start(tier, request)
         try:
+            if backend.batches:  # concurrent requests share its decode steps: no queue in front of it
+                return (yield from self._cancellable(backend.run(request), request, tier))
             lock = self._gen_locks.setdefault(tier, FairLock())
             if not lock.acquire(request.deadline):
                 return _deadline_before_start(tier, request)
             try:
-                return (yield from backend.run(request))
+                return (yield from self._cancellable(backend.run(request), request, tier))
             finally:
                 lock.release()
         finally:
             self._release(tier)
 
+    def _cancellable(self, loop: GenerationLoop, request: GenerationRequest, tier: str) -> GenerationLoop:
+        """Drive a backend loop one chunk at a time, counting the threads inside a step (close() waits
+        for them) and ending it between steps when `request.cancel` is set or the pool closes.
+
+        Backends check `request.cancelled()` themselves at every token; this is the backstop that
+        holds for any backend: a cancelled loop is closed and reported with finish_reason "cancelled".
+        """
+        with self._cond:
+            self._active.add(request.cancel)
+        try:
+            while True:
+                with self._cond:
+                    if self._closed or request.cancelled():
+                        return _cancelled(loop, request, tier)
+                    self._stepping += 1
+                try:
+                    chunk = next(loop)
+                except StopIteration as stop:
+                    return stop.value
+                finally:
+                    with self._cond:
+                        self._stepping -= 1
+                        self._cond.notify_all()
+                yield chunk
+        finally:
+            loop.close()
+            with self._cond:
+                self._active.discard(request.cancel)
+
     def generate(self, tier: str, prompt: str | list[dict], *, max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, stop: list[str] | None = None,
                  max_latency_ms: float | None = None, session_id: str | None = None,
-                 logprobs: bool = False) -> Generation:
-        """Generate a reply; defaults come from `inference.*`.  Temperature 0 is greedy (deterministic)."""
+                 logprobs: bool = False, cancel: threading.Event | None = None) -> Generation:
+        """Generate a reply; defaults come from `inference.*`.  Temperature 0 is greedy (deterministic).
+
+        Setting `cancel` stops generation at the next step (finish_reason "cancelled")."""
         self.spec(tier)
-        request = self._request(prompt, max_tokens, temperature, top_p, stop, max_latency_ms, session_id, logprobs)
+        request = self._request(prompt, max_tokens, temperature, top_p, stop, max_latency_ms, session_id, logprobs,
+                                cancel)
         return drain(self._run(tier, request))
 
     def stream(self, tier: str, prompt: str | list[dict], *, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None, stop: list[str] | None = None,
                max_latency_ms: float | None = None, session_id: str | None = None,
-               logprobs: bool = False) -> GenerationStream:
+               logprobs: bool = False, cancel: threading.Event | None = None) -> GenerationStream:
         """Like `generate`, yielding text chunks; chunks concatenate to `stream.result.text`."""
         self.spec(tier)
-        request = self._request(prompt, max_tokens, temperature, top_p, stop, max_latency_ms, session_id, logprobs)
+        request = self._request(prompt, max_tokens, temperature, top_p, stop, max_latency_ms, session_id, logprobs,
+                                cancel)
         return GenerationStream(self._run(tier, request))
 
     def _with_backend(self, tier: str, fn):
@@ -352,13 +393,18 @@ class InferencePool:
         return report
 
     def close(self) -> None:
-        """Free every model.  Generations still running finish first."""
+        """Free every model.  Generations in flight are cancelled; no model is freed while a thread is
+        inside one of its decode steps (freeing llama.cpp weights under a running step crashes the process)."""
         with self._cond:
             self._closed = True
+            for cancel in self._active:
+                cancel.set()
+            while self._stepping:  # each step is one token (or one prompt batch): short
+                self._cond.wait(0.5)
             grace_until = time.monotonic() + 10.0  # an abandoned, unclosed stream must not hang close()
             while any(self._pins.get(t, 0) for t in list(self._resident) + list(self._loading)):
                 if time.monotonic() > grace_until:
-                    log.warning("closing the inference pool while generations are still open")
+                    log.warning("closing the inference pool while generation streams are still open (idle)")
                     break
                 self._cond.wait(0.5)
             for tier in list(self._resident):
@@ -374,6 +420,14 @@ class InferencePool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _cancelled(loop: GenerationLoop, request: GenerationRequest, tier: str) -> Generation:
+    """Close a backend loop between steps and report what it had produced as a cancelled Generation."""
+    loop.close()
+    elapsed = (time.perf_counter() - request.started_at) * 1e3
+    return Generation(text="", tier=tier, prompt_tokens=0, completion_tokens=0, prompt_tokens_evaluated=0,
+                      latency_ms=elapsed, ttft_ms=elapsed, tokens_per_s=0.0, finish_reason="cancelled")
 
 
 def _deadline_before_start(tier: str, request: GenerationRequest) -> Generation:

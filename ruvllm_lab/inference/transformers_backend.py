@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -31,8 +30,8 @@ from .. import models
 from ..config import InferenceConfig
 from ..errors import ModelLoadError
 from ..models import TierSpec
-from .base import (Backend, Generation, GenerationLoop, GenerationRequest, TextAssembler, common_prefix_len,
-                   decode_rate, fit_prompt, sample_token, token_logprob)
+from .base import (Backend, GenerationLoop, GenerationRequest, TokenDecoder, common_prefix_len, decode_loop,
+                   fit_prompt)
 from .prompts import ChatTemplate, build_prompt
 
 log = logging.getLogger(__name__)
@@ -185,17 +184,23 @@ class TransformersBackend(Backend):
         tokens = self.tokenizer.encode(prompt_text, add_special_tokens=True)
         tokens, truncated = fit_prompt(tokens, self.n_ctx, request.max_tokens, self.config.on_context_overflow,
                                        keep_first=tokens[:1] == [self.tokenizer.bos_token_id])
-        max_new = min(request.max_tokens, self.n_ctx - len(tokens))
-        assembler = TextAssembler(list(request.stop) + format_stop)
-        completion: list[int] = []
-        logprobs: list[float] | None = [] if request.logprobs else None
-        t_first = t_last = None
-        finish, evaluated = "length", 0
-        sid = request.session_id if self.config.kv_cache_sessions > 0 else None
+        emitted = [b""]  # bytes of the completion already handed to the decoder
 
-        if request.deadline_passed():
-            finish = "deadline"
-        else:
+        def new_bytes(completion: list[int]) -> bytes:
+            decoded = self.tokenizer.decode(completion, skip_special_tokens=True)
+            if decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                return b""
+            raw = decoded.encode("utf-8")
+            piece, emitted[0] = raw[len(emitted[0]):], raw
+            return piece
+
+        decoder = TokenDecoder(request, len(tokens), min(request.max_tokens, self.n_ctx - len(tokens)),
+                               list(request.stop) + format_stop, self._eog.__contains__, new_bytes, self._rng,
+                               self.tier, truncated)
+        sid = request.session_id if self.config.kv_cache_sessions > 0 else None
+        state = {"cache": DynamicCache()}
+
+        def prefill() -> np.ndarray:
             reuse, cache = 0, DynamicCache()
             if sid is not None and sid in self._sessions:
                 seen, cache = self._sessions.pop(sid)
@@ -206,48 +211,21 @@ class TransformersBackend(Backend):
                         cache.crop(-surplus)  # drop the cached tokens past the shared prefix
                 except (ValueError, NotImplementedError, AttributeError):
                     reuse, cache = 0, DynamicCache()  # a windowed cache cannot be cropped: start cold
-            logits, cache = self._forward(tokens[reuse:], cache)
-            evaluated = len(tokens) - reuse
-            emitted = b""
-            for step in range(max_new):
-                token = sample_token(logits, request.temperature, request.top_p, self._rng)
-                t_last = time.perf_counter()
-                t_first = t_first or t_last
-                if token in self._eog:
-                    finish = "stop"
-                    break
-                completion.append(token)
-                if logprobs is not None:
-                    logprobs.append(token_logprob(logits, token))
-                decoded = self.tokenizer.decode(completion, skip_special_tokens=True)
-                if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    raw = decoded.encode("utf-8")
-                    text = assembler.feed(raw[len(emitted):])
-                    emitted = raw
-                    if text:
-                        yield text
-                if assembler.stopped:
-                    finish = "stop"
-                    break
-                if request.deadline_passed():
-                    finish = "deadline"
-                    break
-                if step + 1 < max_new:
-                    logits, cache = self._forward([token], cache)
-            if sid is not None:
-                self._sessions[sid] = (tokens + completion[:-1] if completion else list(tokens), cache)
-                while len(self._sessions) > self.config.kv_cache_sessions:
-                    self._sessions.popitem(last=False)
-        tail = assembler.finish()
-        if tail:
-            yield tail
-        end = time.perf_counter()
-        return Generation(
-            text=assembler.text, tier=self.tier, prompt_tokens=len(tokens), completion_tokens=len(completion),
-            prompt_tokens_evaluated=evaluated, latency_ms=(end - request.started_at) * 1e3,
-            ttft_ms=((t_first or end) - request.started_at) * 1e3,
-            tokens_per_s=decode_rate(len(completion), t_first, t_last), finish_reason=finish,
-            logprobs=logprobs, truncated=truncated)
+            logits, state["cache"] = self._forward(tokens[reuse:], cache)
+            decoder.evaluated = len(tokens) - reuse
+            return logits
+
+        def feed_token(token: int) -> np.ndarray:
+            logits, state["cache"] = self._forward([token], state["cache"])
+            return logits
+
+        result = yield from decode_loop(decoder, prefill, feed_token)
+        if sid is not None and decoder.evaluated:
+            # every listed token is in the cache (the last sampled one may not be); crop() trims the rest on reuse
+            self._sessions[sid] = (tokens + decoder.completion[:-1], state["cache"])
+            while len(self._sessions) > self.config.kv_cache_sessions:
+                self._sessions.popitem(last=False)
+        return result
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Mean over tokens of the base model's final (normalised) hidden states; one text at a time, no padding."""

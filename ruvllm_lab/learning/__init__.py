@@ -8,6 +8,8 @@ from .judge import (JudgeResult, LLMJudge, QualityJudge, calibration_markdown, c
                     feedback_signal, gold_match, logprob_confidence, normalize_answer)
 from .metrics import (AccuracyMatrix, average_accuracy, average_forgetting, backward_transfer,
                       continual_report, forgetting_per_10k_updates, forgetting_per_phase)
+from .offpolicy import LoggedDecision, off_policy_estimate
+from .outcome import Outcome, outcome_of
 from .replay import ReplayBuffer
 
 __all__ = [
@@ -16,12 +18,16 @@ __all__ = [
     "feedback_signal", "gold_match", "logprob_confidence", "normalize_answer",
     "AccuracyMatrix", "average_accuracy", "average_forgetting", "backward_transfer",
     "continual_report", "forgetting_per_10k_updates", "forgetting_per_phase",
-    "ReplayBuffer", "LearningService", "Interaction", "label_from_scores",
+    "ReplayBuffer", "LearningService", "Interaction", "ContinualTrainer", "Outcome", "outcome_of",
+    "LoggedDecision", "off_policy_estimate",
 ]
 
 
 def __getattr__(name):
-    if name in ("LearningService", "Interaction", "label_from_scores"):
+    if name in ("LearningService", "Interaction"):
         from . import service
         return getattr(service, name)
+    if name == "ContinualTrainer":
+        from .trainer import ContinualTrainer
+        return ContinualTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

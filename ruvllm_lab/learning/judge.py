@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..config import LearningConfig
+from ..workloads import answer_matches, is_number_gold
 
 SIGNALS = ("gold", "feedback", "llm", "logprob")
 
@@ -84,8 +85,8 @@ def token_f1(answer: str, gold: str) -> float:
 class GoldMatch:
     exact: bool  # byte-identical after strip()
     normalised: bool  # identical after normalize_answer
-    numeric: bool  # gold is one number; the answer's first or last number equals it within tolerance
-    contains: bool  # the normalised gold appears as a whole-word span of the normalised answer
+    numeric: bool  # gold is one number; the answer states it and no other candidate (workloads.answer_matches)
+    contains: bool  # gold is text; the answer's first line states it and no alternative (workloads.answer_matches)
     f1: float  # token-overlap F1 (partial credit)
 
     @property
@@ -105,22 +106,18 @@ def numbers_close(a: float, b: float, rel_tol: float = 1e-3, abs_tol: float = 1e
 def gold_match(answer: str, gold: str, rel_tol: float = 1e-3, abs_tol: float = 1e-6) -> GoldMatch:
     """Compare an answer with a gold answer.
 
-    Numeric rule: when the gold text holds exactly one number, the answer matches if its
-    *first or last* number equals it within ``rel_tol``/``abs_tol`` (the last number is the
-    GSM8K convention for "the final answer"; the first catches "42, because ...").
-    Containment: "Paris is the capital" contains the gold "paris" (whole words only, so the
-    gold "art" is not found in "start").
+    ``numeric`` (a gold that is one number) and ``contains`` (any other gold) are the strict
+    matcher every experiment uses, ``workloads.answer_matches``: only the first line (or an
+    explicit final "Answer:" line) counts, numbers compare as numbers within
+    ``rel_tol``/``abs_tol``, and an answer offering several candidates ("40 or 45 or 50", all
+    seven weekdays, an unevaluated "1 * 7") is wrong.  Whole words only, so the gold "art" is
+    not found in "start".
     """
     if not isinstance(answer, str) or not isinstance(gold, str):
         raise TypeError("gold_match expects two strings")
     na, ng = normalize_answer(answer), normalize_answer(gold)
-    gold_nums = extract_numbers(gold)
-    numeric = False
-    if len(gold_nums) == 1:
-        ans_nums = extract_numbers(answer)
-        if ans_nums:
-            numeric = any(numbers_close(x, gold_nums[0], rel_tol, abs_tol) for x in (ans_nums[0], ans_nums[-1]))
-    contains = bool(ng) and f" {ng} " in f" {na} "
+    strict = answer_matches(answer, gold, match="auto", rel_tol=rel_tol, abs_tol=abs_tol)
+    numeric, contains = (strict, False) if is_number_gold(gold) else (False, strict)
     return GoldMatch(exact=answer.strip() == gold.strip(), normalised=bool(ng) and na == ng,
                      numeric=numeric, contains=contains, f1=token_f1(answer, gold))
 

@@ -10,16 +10,75 @@ seen so far (when a new tier appears, existing reservoirs shrink by a uniform ra
 subset, which keeps each one a uniform sample of its stream) and :meth:`ReplayBuffer.sample`
 draws evenly from the tiers.
 
-State is plain Python (items are pickled); :meth:`save` writes atomically.  Only load files
-this system wrote: unpickling runs code.
+Persistence never pickles objects: :meth:`save` encodes every item as plain data (numbers,
+strings, lists, string-keyed dicts, tensors; ``RouterExample``/``RouterInput`` and numpy arrays
+as tagged dicts) and writes it atomically with ``torch.save``; :meth:`load` reads it back with
+``torch.load(weights_only=True)``, whose unpickler refuses any other object, so a tampered
+``replay_buffer.pt`` (e.g. a pickle with a ``__reduce__`` payload from a restored backup) is
+rejected with an error and never executed.  An item the codec cannot express is refused at
+save time, with its type named.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import pickle
 import random
 from pathlib import Path
 from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+_TAG = "__replay_type__"
+
+
+def encode_item(item: Any) -> Any:
+    """An item as plain data loadable with ``torch.load(weights_only=True)`` (module docstring)."""
+    from ..router.base import RouterExample, RouterInput
+
+    if item is None or isinstance(item, (bool, int, float, str)):
+        return item
+    if isinstance(item, np.generic):
+        return item.item()
+    if isinstance(item, np.ndarray):
+        return {_TAG: "ndarray", "data": torch.from_numpy(np.ascontiguousarray(item).copy())}
+    if isinstance(item, torch.Tensor):
+        return item.detach().cpu().clone()
+    if isinstance(item, (RouterExample, RouterInput)):
+        kind = "router_example" if isinstance(item, RouterExample) else "router_input"
+        return {_TAG: kind, **{f.name: encode_item(getattr(item, f.name)) for f in dataclasses.fields(item)}}
+    if isinstance(item, (list, tuple)):
+        return {_TAG: "tuple", "items": [encode_item(v) for v in item]} if isinstance(item, tuple) \
+            else [encode_item(v) for v in item]
+    if isinstance(item, dict):
+        if not all(isinstance(k, str) for k in item) or _TAG in item:
+            raise TypeError("a replay item dict needs string keys (and not the reserved key "
+                            f"{_TAG!r}) to be saved without pickle")
+        return {k: encode_item(v) for k, v in item.items()}
+    raise TypeError(f"a replay item of type {type(item).__name__} cannot be saved without pickle; "
+                    "store RouterExample, numbers, strings, lists, dicts or arrays")
+
+
+def decode_item(data: Any) -> Any:
+    """Inverse of :func:`encode_item`."""
+    from ..router.base import RouterExample, RouterInput
+
+    if isinstance(data, list):
+        return [decode_item(v) for v in data]
+    if isinstance(data, dict):
+        kind = data.get(_TAG)
+        if kind is None:
+            return {k: decode_item(v) for k, v in data.items()}
+        if kind == "ndarray":
+            return data["data"].numpy()
+        if kind == "tuple":
+            return tuple(decode_item(v) for v in data["items"])
+        cls = {"router_example": RouterExample, "router_input": RouterInput}.get(kind)
+        if cls is None:
+            raise ValueError(f"unknown replay item type {kind!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: decode_item(v) for k, v in data.items() if k in names})
+    return data
 
 _UNBALANCED = "__all__"
 
@@ -163,16 +222,29 @@ class ReplayBuffer:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        state["reservoirs"] = {t: {**r, "items": [encode_item(x) for x in r["items"]]}
+                               for t, r in state["reservoirs"].items()}
+        version, internal, gauss = state["rng_state"]
+        state["rng_state"] = [int(version), list(internal), gauss]
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(self.state_dict(), f, protocol=pickle.HIGHEST_PROTOCOL)
+        torch.save(state, tmp)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written buffer
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReplayBuffer":
-        with open(path, "rb") as f:
-            state = pickle.load(f)
+        try:
+            state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # the restricted unpickler refuses code-carrying payloads
+            raise ValueError(f"{path}: not a replay buffer this system wrote; refusing to load it "
+                             f"(only plain data and tensors are accepted): {e}") from None
+        if not isinstance(state, dict) or "reservoirs" not in state:
+            raise ValueError(f"{path}: not a replay buffer state")
+        state["reservoirs"] = {t: {**r, "items": [decode_item(x) for x in r["items"]]}
+                               for t, r in state["reservoirs"].items()}
+        version, internal, gauss = state["rng_state"]
+        state["rng_state"] = (int(version), tuple(int(v) for v in internal), gauss)
         buf = cls(int(state["capacity"]), bool(state["balance_by_tier"]))
         buf.load_state_dict(state)
         return buf

@@ -1,8 +1,13 @@
-"""MemoryService: the living memory -- SQLite graph (truth) + faiss HNSW (search) + writeback queue.
+"""MemoryService: the living memory -- a graph of nodes and learned edges + an ANN index + writeback queue.
+
+Where the memory lives is a ``MemoryBackend`` (``backend.py``), chosen by ``memory.backend``:
+``sqlite`` (default; SQLite graph + faiss HNSW, described below) or ``postgres`` (tables +
+pgvector HNSW shared by several processes, ``postgres.py``).  The policy here (similar
+edges, learning rule, capacity, expansion, validation) is the same for both.
 
 Contracts
 ---------
-* **Source of truth** is SQLite (``graph_store``).  A write commits to SQLite first, then goes
+* **Source of truth** (SQLite backend) is SQLite (``graph_store``).  A write commits to SQLite first, then goes
   into the in-memory faiss index; the index is saved beside the database (``<db>.faiss`` plus
   ``<db>.faiss.json`` naming the store it belongs to) on ``save()``/``close()``.  On open the
   saved index is *reconciled* with SQLite: a missing index, one from another store or one with
@@ -46,8 +51,9 @@ import numpy as np
 from ..config import MemoryConfig
 from ..errors import DimensionMismatch, MemoryStoreError
 from ..graph import EDGE_TYPES, Subgraph
-from .graph_store import GraphStore, NewNode, Node, check_edge, check_kind, reinforce_weight
-from .vectors import VectorIndex, index_path_for
+from .backend import MemoryBackend, SqliteBackend, open_backend
+from .graph_store import GraphStore, NewNode, Node, check_edge, check_kind
+from .vectors import VectorIndex
 from .writeback import WritebackQueue
 
 VALUE_WEIGHTS = (0.4, 0.3, 0.3)  # quality, use, recency
@@ -86,9 +92,10 @@ class _Pending:
 
 
 class MemoryService:
-    """Vector + graph memory of one SQLite store (thread-safe; one lock serialises index and DB)."""
+    """Vector + graph memory over one backend (thread-safe; one lock serialises this process's access)."""
 
-    def __init__(self, config: MemoryConfig, dimension: int, embedder: Any = None):
+    def __init__(self, config: MemoryConfig, dimension: int, embedder: Any = None,
+                 backend: MemoryBackend | None = None):
         if embedder is not None and int(embedder.dimension) != int(dimension):
             raise DimensionMismatch(f"embedder produces dimension {embedder.dimension} but the memory "
                                     f"dimension is {dimension}")
@@ -99,46 +106,31 @@ class MemoryService:
         self._writeback: WritebackQueue | None = None
         self._closed = False
         self._evicted = 0
-        self.store = GraphStore(config.db_path, self.dimension)
-        self.index_path = index_path_for(config.db_path)
-        self.open_report: dict[str, Any] = {}
-        try:
-            self.index = self._open_index()
-        except BaseException:
-            self.store.close()
-            raise
+        self.backend: MemoryBackend = backend if backend is not None else open_backend(config, self.dimension)
+        if int(self.backend.dimension) != self.dimension:
+            raise DimensionMismatch(f"memory backend has dimension {self.backend.dimension}, the service {dimension}")
 
-    # ---- opening -----------------------------------------------------------------------
-    def _sidecar(self) -> Path:
-        return Path(f"{self.index_path}.json")
+    # the SQLite backend's parts, for tests and tools that inspect them
+    def _sqlite(self) -> SqliteBackend:
+        if not isinstance(self.backend, SqliteBackend):
+            raise AttributeError(f"memory.backend {self.config.backend!r} has no SQLite store / faiss index")
+        return self.backend
 
-    def _new_index(self) -> VectorIndex:
-        c = self.config
-        return VectorIndex(self.dimension, c.hnsw_m, c.hnsw_ef_construction, c.hnsw_ef_search)
+    @property
+    def store(self) -> GraphStore:
+        return self._sqlite().store
 
-    def _open_index(self) -> VectorIndex:
-        c = self.config
-        index = None
-        try:
-            meta = json.loads(self._sidecar().read_text())
-            if meta.get("store_uuid") == self.store.store_uuid:
-                index = VectorIndex.load(self.index_path, self.dimension, c.hnsw_m, c.hnsw_ef_construction,
-                                         c.hnsw_ef_search)
-        except (OSError, ValueError):
-            index = None
-        active_ids, active_vecs = self.store.active_vectors()
-        if index is None:
-            index = self._new_index()
-            index.add(active_ids, active_vecs)
-            self.open_report = {"index": "rebuilt", "added": int(len(active_ids)), "tombstoned": 0}
-            return index
-        stored = index.stored_ids()
-        stale = np.setdiff1d(stored, active_ids)
-        missing_mask = ~np.isin(active_ids, stored)
-        index.remove(stale)
-        index.add(active_ids[missing_mask], active_vecs[missing_mask])
-        self.open_report = {"index": "loaded", "added": int(missing_mask.sum()), "tombstoned": int(len(stale))}
-        return index
+    @property
+    def index(self) -> VectorIndex:
+        return self._sqlite().index
+
+    @property
+    def index_path(self) -> Path:
+        return self._sqlite().index_path
+
+    @property
+    def open_report(self) -> dict[str, Any]:
+        return self.backend.open_report
 
     # ---- validation --------------------------------------------------------------------
     def _check_vector(self, vector: Any, what: str = "vector") -> np.ndarray:
@@ -181,7 +173,7 @@ class MemoryService:
 
     def _ensure_open(self) -> None:
         if self._closed:
-            raise MemoryStoreError(f"memory service for {self.config.db_path} is closed")
+            raise MemoryStoreError(f"memory service for {self.backend.location} is closed")
 
     # ---- writes ------------------------------------------------------------------------
     def add(self, text: str, kind: str = "interaction", metadata: dict | None = None, vector: Any = None,
@@ -217,15 +209,16 @@ class MemoryService:
         k, floor = self.config.similar_edges_k, self.config.similar_edge_min_score
         with self._lock:
             self._ensure_open()
-            if k > 0 and len(self.index):
-                nb_scores, nb_ids = self.index.search(vectors, min(k, len(self.index)))
+            available = self.backend.searchable()
+            if k > 0 and available != 0:
+                nb_scores, nb_ids = self.backend.ann_search(vectors, k if available is None else min(k, available))
             else:
                 nb_scores = np.zeros((len(items), 0), np.float32)
                 nb_ids = np.zeros((len(items), 0), np.int64)
             intra = vectors @ vectors.T  # (n, n) cosine within the batch
             ids: list[int] = []
             now = time.time()
-            with self.store.transaction():
+            with self.backend.transaction():  # one commit; the SQLite backend's index follows it
                 for i, it in enumerate(items):
                     candidates = [(float(s), int(j)) for s, j in zip(nb_scores[i], nb_ids[i]) if j >= 0]
                     candidates += [(float(intra[i, j]), ids[j]) for j in range(i)]
@@ -234,8 +227,7 @@ class MemoryService:
                     explicit = {(o, t) for o, t, _ in it.edges}
                     edges = list(it.edges) + [e for e in similar if (e[0], e[1]) not in explicit]
                     node = NewNode(it.text, it.kind, it.vector, it.metadata, it.quality, edges, it.created_at)
-                    ids.extend(self.store.insert_nodes([node], now=now))
-            self.index.add(np.asarray(ids, np.int64), vectors)  # after the commit: SQLite leads
+                    ids.extend(self.backend.insert_nodes([node], now=now))
             self._enforce_capacity(now)
         return ids
 
@@ -243,19 +235,32 @@ class MemoryService:
         """Create or overwrite the directed edge src -> dst of `type` (weight in [0, 1])."""
         self._ensure_open()
         with self._lock:
-            self.store.add_edge(src, dst, type, weight, time.time())
+            self.backend.add_edge(src, dst, type, weight, time.time())
 
     def mark_used(self, node_ids: Sequence[int]) -> None:
         """Nodes: use_count += 1, last_used_at = now; edges among them count a use too."""
         self._ensure_open()
         with self._lock:
-            self.store.mark_used(list(node_ids), time.time())
+            self.backend.mark_used(list(node_ids), time.time())
 
     def set_quality(self, updates: Sequence[tuple[int, float]]) -> None:
         """Overwrite node quality (e.g. a user's rating of the answer an interaction node holds)."""
         self._ensure_open()
         with self._lock:
-            self.store.update_quality([(int(i), min(1.0, max(0.0, float(q)))) for i, q in updates])
+            self.backend.update_quality([(int(i), min(1.0, max(0.0, float(q)))) for i, q in updates])
+
+    def update_metadata(self, node_id: int, patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge `patch` into a node's metadata (top-level keys overwrite, others are kept), atomically;
+        returns the merged metadata.  KeyError for a missing node."""
+        self._ensure_open()
+        if not isinstance(patch, dict):
+            raise ValueError(f"metadata patch must be a dict, got {type(patch).__name__}")
+        try:
+            json.dumps(patch)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"memory metadata must be JSON-serialisable: {e}") from None
+        with self._lock:
+            return self.backend.update_metadata(int(node_id), dict(patch))
 
     def reinforce(self, node_ids: Sequence[int], reward: float) -> int:
         """Apply the edge learning rule (module docstring) to the edges among `node_ids` and to
@@ -266,27 +271,23 @@ class MemoryService:
             raise ValueError(f"reward {reward!r} outside [-1, 1]")
         lr = self.config.edge_learning_rate
         ids = sorted({int(i) for i in node_ids})
-        with self._lock, self.store.transaction():
-            now = time.time()
-            updated, _ = self.store.reinforce_edges(ids, r, lr, now, self.config.edge_prune_below)
-            nodes = self.store.get_many(ids)
-            self.store.update_quality([(i, reinforce_weight(n.quality, r, lr)) for i, n in nodes.items()])
+        with self._lock:
+            updated, _ = self.backend.reinforce(ids, r, lr, time.time(), self.config.edge_prune_below)
         return updated
 
     def decay(self, now: float | None = None) -> int:
         """Decay every edge by the time since it was last touched; prune under the floor; returns pruned."""
         self._ensure_open()
         with self._lock:
-            return self.store.decay_edges(self.config.edge_decay_per_day, self.config.edge_prune_below,
+            return self.backend.decay_edges(self.config.edge_decay_per_day, self.config.edge_prune_below,
                                           time.time() if now is None else float(now))
 
     def archive(self, node_ids: Sequence[int]) -> None:
-        """Keep the nodes in SQLite but remove them from search (compression's members)."""
+        """Keep the nodes stored but remove them from search (compression's members)."""
         self._ensure_open()
         ids = [int(i) for i in node_ids]
         with self._lock:
-            self.store.set_archived(ids, True)
-            self.index.remove(ids)
+            self.backend.set_archived(ids, True)
 
     def evict(self, n: int, now: float | None = None) -> list[int]:
         """Delete the `n` lowest-value nodes (with their edges); returns their ids."""
@@ -297,17 +298,16 @@ class MemoryService:
     def _evict(self, n: int, now: float) -> list[int]:
         if n <= 0:
             return []
-        ids, quality, uses, last_active = self.store.value_inputs()
+        ids, quality, uses, last_active = self.backend.value_inputs()
         value = node_value(quality, uses, last_active, now)
         order = np.lexsort((ids, value))  # lowest value first, then oldest id
         victims = ids[order[:n]].tolist()
-        self.store.delete_nodes(victims)
-        self.index.remove(victims)
+        self.backend.delete_nodes(victims)
         self._evicted += len(victims)
         return victims
 
     def _enforce_capacity(self, now: float) -> None:
-        total = self.store.count(include_archived=True)
+        total = self.backend.count(include_archived=True)
         cap = self.config.max_nodes
         if total > cap:
             target = cap - int(cap * EVICTION_SLACK)
@@ -316,24 +316,24 @@ class MemoryService:
     # ---- reads -------------------------------------------------------------------------
     def get(self, node_id: int) -> Node:
         with self._lock:
-            return self.store.get(node_id)
+            return self.backend.get(node_id)
 
     def vector(self, node_id: int) -> np.ndarray:
         """(D,) float32 unit vector of a node (archived ones too)."""
         with self._lock:
-            return self.store.vectors([int(node_id)])[0]
+            return self.backend.vectors([int(node_id)])[0]
 
     def count(self, kind: str | None = None, include_archived: bool = False) -> int:
         with self._lock:
-            return self.store.count(kind, include_archived)
+            return self.backend.count(kind, include_archived)
 
     def nodes(self, kind: str | None = None, include_archived: bool = False) -> list[Node]:
         with self._lock:
-            return self.store.nodes(kind, include_archived)
+            return self.backend.nodes(kind, include_archived)
 
     def edges(self, node_id: int | None = None):
         with self._lock:
-            return self.store.edges(node_id)
+            return self.backend.edges(node_id)
 
     def _query_vector(self, query: str | np.ndarray) -> np.ndarray:
         if isinstance(query, str):
@@ -353,19 +353,24 @@ class MemoryService:
             check_kind(kind)
         q = self._query_vector(query)
         with self._lock:
-            available = len(self.index)
+            available = self.backend.searchable()  # None: unknown (PostgreSQL), see the loop's end
             if available == 0:
                 return []
-            if kinds is not None and sum(self.store.count(kind) for kind in kinds) <= EXACT_KIND_SEARCH_MAX:
+            if kinds is not None and sum(self.backend.count(kind) for kind in kinds) <= EXACT_KIND_SEARCH_MAX:
                 return self._exact_search(q, k, kinds)
             fetch = k if kinds is None else 4 * k
             while True:
-                scores, ids = self.index.search(q[None, :], min(fetch, available))
+                asked = fetch if available is None else min(fetch, available)
+                scores, ids = self.backend.ann_search(q[None, :], asked)
                 pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-                nodes = self.store.get_many([i for _, i in pairs])
+                nodes = self.backend.get_many([i for _, i in pairs])
                 hits = [Hit(i, s, nodes[i].text, nodes[i].kind, nodes[i].metadata) for s, i in pairs
                         if i in nodes and not nodes[i].archived and (kinds is None or nodes[i].kind in kinds)]
-                if len(hits) >= k or fetch >= available:
+                if len(hits) >= k:
+                    break
+                if available is None and len(pairs) < asked:
+                    break  # the index returned fewer than asked: it has no more
+                if available is not None and fetch >= available:
                     break
                 fetch *= 4
         hits.sort(key=lambda h: -h.score)
@@ -374,12 +379,9 @@ class MemoryService:
     def _exact_search(self, q: np.ndarray, k: int, kinds: tuple[str, ...]) -> list[Hit]:
         """Brute force over the few nodes of `kinds` (corrections, concepts): widening an ANN search
         until it finds a rare kind would read most of the index."""
-        ids, vecs = self.store.active_vectors(kinds)
-        scores = vecs @ q  # (n,) cosine: stored vectors are normalised
-        top = np.argsort(-scores, kind="stable")[:k]
-        nodes = self.store.get_many(ids[top].tolist())
-        return [Hit(int(ids[j]), float(scores[j]), nodes[int(ids[j])].text, nodes[int(ids[j])].kind,
-                    nodes[int(ids[j])].metadata) for j in top]
+        top = self.backend.exact_search(q, k, kinds)
+        nodes = self.backend.get_many([i for i, _ in top])
+        return [Hit(i, s, nodes[i].text, nodes[i].kind, nodes[i].metadata) for i, s in top if i in nodes]
 
     def expand(self, seed_ids: Sequence[int], hops: int | None = None, max_nodes: int | None = None,
                seed_scores: dict[int, float] | None = None) -> Subgraph:
@@ -400,7 +402,7 @@ class MemoryService:
         now = time.time()
         with self._lock:
             seeds = list(dict.fromkeys(int(i) for i in seed_ids))
-            existing = self.store.get_many(seeds)
+            existing = self.backend.get_many(seeds)
             seeds = [i for i in seeds if i in existing]
             seeds.sort(key=lambda i: -seed_scores.get(i, 0.0))  # stable: ties keep the caller's order
             selected = seeds[:max_nodes]
@@ -410,7 +412,7 @@ class MemoryService:
                 if len(selected) >= max_nodes or not frontier:
                     break
                 best: dict[int, float] = {}
-                for _, nb, w in self.store.neighbours(frontier):
+                for _, nb, w in self.backend.neighbours(frontier):
                     if nb not in hop_of and w > best.get(nb, -1.0):
                         best[nb] = w
                 new = sorted(best, key=lambda i: (-best[i], i))[:max_nodes - len(selected)]
@@ -420,9 +422,9 @@ class MemoryService:
                 frontier = new
             if not selected:
                 return Subgraph.empty(self.dimension)
-            nodes = self.store.get_many(selected)
-            vectors = self.store.vectors(selected)
-            edges = self.store.edges_full_among(selected)
+            nodes = self.backend.get_many(selected)
+            vectors = self.backend.vectors(selected)
+            edges = self.backend.edges_full_among(selected)
         pos = {i: p for p, i in enumerate(selected)}
         edges.sort(key=lambda e: (pos[e.src], pos[e.dst], e.type))
         type_index = {t: i for i, t in enumerate(EDGE_TYPES)}
@@ -446,33 +448,22 @@ class MemoryService:
 
     # ---- operations --------------------------------------------------------------------
     def ping(self) -> float:
-        """Round-trip latency (ms) of a trivial SQLite query plus an index size read."""
+        """Round-trip latency (ms) of a trivial query to the backend (and, for SQLite, an index size read)."""
         t0 = time.perf_counter()
         with self._lock:
             self._ensure_open()
-            self.store.conn.execute("SELECT 1").fetchone()
-            _ = len(self.index)
+            self.backend.ping()
         return (time.perf_counter() - t0) * 1000.0
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             self._ensure_open()
-            c = self.store.conn
-            by_kind = dict(c.execute("SELECT kind, COUNT(*) FROM nodes WHERE archived=0 GROUP BY kind").fetchall())
-            edge_types = dict(c.execute("SELECT type, COUNT(*) FROM edges GROUP BY type").fetchall())
-            mean_w = c.execute("SELECT AVG(weight) FROM edges").fetchone()[0]
+            b = self.backend.stats()
+            nodes = self.backend.count()
             return {
-                "nodes": self.store.count(),
-                "archived": self.store.count(include_archived=True) - self.store.count(),
-                "nodes_by_kind": by_kind,
-                "edges": self.store.edge_count(),
-                "edges_by_type": edge_types,
-                "mean_edge_weight": float(mean_w) if mean_w is not None else 0.0,
-                "index_vectors": len(self.index),
-                "index_tombstones": len(self.index.tombstones),
-                "index_bytes": self.index.size_bytes(),
-                "index_file_bytes": self.index_path.stat().st_size if self.index_path.exists() else 0,
-                "db_bytes": self.store.file_bytes(),
+                "nodes": nodes,
+                "archived": self.backend.count(include_archived=True) - nodes,
+                **b,
                 "dimension": self.dimension,
                 "max_nodes": self.config.max_nodes,
                 "evicted": self._evicted,
@@ -480,19 +471,29 @@ class MemoryService:
                                                                              "pending": 0, "batches": 0},
             }
 
-    def save(self) -> Path:
-        """Write the faiss index (atomically) and its sidecar naming this store."""
+    def save(self) -> Path | None:
+        """Persist what the backend keeps in memory (SQLite: the faiss index + sidecar; returns its path)."""
         with self._lock:
             self._ensure_open()
-            path = self.index.save(self.index_path)
-            tmp = self._sidecar().with_name(self._sidecar().name + ".tmp")
-            tmp.write_text(json.dumps({"store_uuid": self.store.store_uuid, "dimension": self.dimension,
-                                       "ntotal": self.index.ntotal, "saved_at": time.time()}))
-            tmp.replace(self._sidecar())
-            return path
+            self.backend.save()
+            return self.index_path if isinstance(self.backend, SqliteBackend) else None
+
+    def dump(self, directory: str | Path) -> dict[str, Any]:
+        """A consistent copy of the memory in `directory` (the backend's own format); see ``backend.dump_memory``."""
+        self.flush()
+        with self._lock:
+            self._ensure_open()
+            return self.backend.dump(Path(directory))
+
+    def load(self, directory: str | Path, components: dict[str, str]) -> None:
+        """Replace the memory with a dump made by ``dump`` (same backend)."""
+        self.flush()
+        with self._lock:
+            self._ensure_open()
+            self.backend.load(Path(directory), components)
 
     def close(self) -> None:
-        """Write everything pending, save the index, close SQLite (idempotent)."""
+        """Write everything pending, save the index (SQLite), close the backend (idempotent)."""
         if self._closed:
             return
         error = None
@@ -502,11 +503,8 @@ class MemoryService:
             except MemoryStoreError as e:
                 error = e
         with self._lock:
-            try:
-                self.save()
-            finally:
-                self._closed = True
-                self.store.close()
+            self._closed = True
+            self.backend.close()  # SQLite: saves the index, then closes (always)
         if error is not None:
             raise error
 

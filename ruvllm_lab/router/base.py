@@ -15,6 +15,9 @@ Contract (every router in ``ROUTERS`` keeps it, so experiments can swap them by 
   names that tier with ``confidence=1`` and ``fallback_used=False``; a forced tier that is
   not configured raises ModelNotFound.  The router still runs, so its hidden state and
   context/sampling suggestions stay meaningful.
+* Ordinal routers (FastGRNN) return cumulative probabilities C_i = P(cheapest adequate tier <= i)
+  in ``RawRoute.cum``; their rule is the cheapest tier i with C_i >= ``config.confidence_threshold``,
+  and ``config.fallback`` when no tier below the largest reaches it (``router.model``).
 * Fallback: a router whose ``uses_fallback`` is True (the learned ones) hands the decision
   to ``config.fallback`` whenever its ``confidence < config.confidence_threshold`` —
   ``largest`` (safe: quality first), ``smallest`` (cheap) or ``default``
@@ -71,6 +74,9 @@ class RoutingDecision:
     fallback_used: bool
     router: str
     state: Any = None  # hidden state to carry to the session's next turn
+    propensity: float = 1.0  # probability with which `tier` was chosen (exploration makes it < 1)
+    explored: bool = False  # True when exploration replaced the policy's pick with a cheaper tier
+    policy_tier: str | None = None  # the policy's own pick (differs from `tier` only when explored)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view (the hidden state is left out)."""
@@ -81,13 +87,54 @@ class RoutingDecision:
 
 @dataclass
 class RouterExample:
+    """One training row.  Two ways to give the tier target:
+
+    * ``best_tier`` -- full information: the cheapest adequate tier is known (every cheaper tier
+      was tried and failed).  Equivalent to ``outcomes = {best_tier: 1, every cheaper tier: 0}``.
+    * ``outcomes`` -- censored: ``{tier: 1.0 adequate / 0.0 not adequate}`` for the tiers that were
+      actually tried (bandit feedback: one tier), with optional per-tier ``weights``.
+
+    Nothing is assumed about a tier that was not tried (``train.ordinal_targets``).
+    """
     x: RouterInput
-    best_tier: str  # label: the cheapest tier that met the quality threshold
+    best_tier: str | None = None  # full-information label: the cheapest tier that met the quality bar
     tier_scores: dict[str, float] | None = None  # judged quality per tier tried
     context_items: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     state: Any = None  # the hidden state the router was given on this turn (optional)
+    outcomes: dict[str, float] | None = None  # observed adequacy per tried tier: 1.0 yes, 0.0 no
+    weights: dict[str, float] | None = None  # per-tier weight of `outcomes` (default 1)
+
+    def observed(self, tiers: list[str]) -> dict[str, tuple[float, float]]:
+        """{tier: (adequate in [0, 1], weight)} for the observed tiers; ``best_tier`` expands to success
+        there and failure at the next cheaper tier (which implies failure of every cheaper one)."""
+        if self.outcomes:
+            unknown = set(self.outcomes) - set(tiers)
+            if unknown:
+                raise ValueError(f"example outcomes name unknown tier(s) {sorted(unknown)}; tiers: {tiers}")
+            w = self.weights or {}
+            return {t: (float(v), float(w.get(t, 1.0))) for t, v in self.outcomes.items()}
+        if self.best_tier is None:
+            return {}
+        if self.best_tier not in tiers:
+            raise ValueError(f"example best_tier {self.best_tier!r} is not one of {tiers}")
+        i = tiers.index(self.best_tier)
+        out = {self.best_tier: (1.0, 1.0)}
+        if i > 0:
+            out[tiers[i - 1]] = (0.0, 1.0)
+        return out
+
+    def exact_tier(self, tiers: list[str]) -> str | None:
+        """The cheapest adequate tier when the observations pin it down (success at t and failure
+        at t-1, or t is the cheapest), else None.  Classifier baselines can only use such rows."""
+        if self.best_tier is not None and not self.outcomes:
+            return self.best_tier
+        obs = self.observed(tiers)
+        for i, t in enumerate(tiers):
+            if obs.get(t, (0.0, 0.0))[0] >= 0.5 and (i == 0 or obs.get(tiers[i - 1], (1.0, 0.0))[0] < 0.5):
+                return t
+        return None
 
 
 @dataclass
@@ -99,6 +146,7 @@ class RawRoute:
     temperature: float
     top_p: float
     state: Any = None
+    cum: np.ndarray | None = None  # (T-1,) C_i = P(cheapest adequate tier <= i), ordinal routers only
 
 
 class Router:
@@ -141,6 +189,8 @@ class Router:
         probs = {t: float(p) for t, p in zip(self.tiers, raw.probs)}
         if x.forced_tier is not None:
             tier, confidence, fallback = x.forced_tier, 1.0, False
+        elif raw.cum is not None:
+            tier, confidence, fallback = self._ordinal_choice(np.asarray(raw.cum, np.float64))
         else:
             tier = self.tiers[int(np.argmax(raw.probs))]
             confidence, fallback = float(raw.confidence), False
@@ -149,6 +199,17 @@ class Router:
         return RoutingDecision(tier=tier, tier_probs=probs, context_items=int(raw.context_items),
                                temperature=float(raw.temperature), top_p=float(raw.top_p), confidence=confidence,
                                fallback_used=fallback, router=self.name, state=raw.state)
+
+    def _ordinal_choice(self, cum: np.ndarray) -> tuple[str, float, bool]:
+        """Cheapest tier with C_i >= confidence_threshold, else the fallback (see module docstring)."""
+        if len(self.tiers) == 1:
+            return self.tiers[0], 1.0, False
+        full = np.append(cum, 1.0)  # C_{T-1} = 1
+        for i, c in enumerate(cum):
+            if c >= self.config.confidence_threshold:
+                return self.tiers[i], float(c), False
+        fb = self.fallback_tier
+        return fb, float(full[self.tiers.index(fb)]), True
 
     def _raw_route(self, x: RouterInput, state: Any) -> RawRoute:
         raise NotImplementedError
@@ -200,12 +261,40 @@ def register_router(name: str) -> Callable[[type[Router]], type[Router]]:
 
 
 def make_router(name: str, tiers: list[str], config: RouterConfig, input_dim: int, seed: int = 0) -> Router:
-    """Registry lookup.  ``always-<tier>`` works for any configured tier name too."""
+    """Registry lookup.  ``always-<tier>`` works for any configured tier name too, and
+    ``"package.module:Class"`` imports a router of your own (``router.kind`` in a profile, or a
+    name in an experiment's ``routers`` list; see ``examples/custom_router.py``)."""
     if name in ROUTERS:
         return ROUTERS[name](tiers, config, input_dim, seed)
     if name.startswith("always-") and name[len("always-"):] in list(tiers):
         return AlwaysRouter(tiers, config, input_dim, seed, tier=name[len("always-"):])
-    raise ConfigError(f"unknown router {name!r}; known routers: {', '.join(ROUTERS)} (or always-<tier>)")
+    if ":" in name:
+        router = resolve_router_class(name)(tiers, config, input_dim, seed)
+        router.name = name  # results and MLflow metrics are keyed by the name that was asked for
+        return router
+    import difflib
+    near = difflib.get_close_matches(name, list(ROUTERS), n=1)
+    raise ConfigError(f"unknown router {name!r}{f'; did you mean {near[0]!r}?' if near else ''} known routers: "
+                      f"{', '.join(ROUTERS)} (or always-<tier>, or package.module:Class)")
+
+
+def resolve_router_class(spec: str) -> type[Router]:
+    """``"package.module:Class"`` -> the class; a clear ConfigError when it cannot be a router."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"router {spec!r}: expected 'package.module:Class'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"router {spec!r}: cannot import {module_name!r} ({e}); is it on sys.path?") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ConfigError(f"router {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Router)):
+        raise ConfigError(f"router {spec!r}: {cls!r} is not a subclass of ruvllm_lab.router.Router")
+    return cls
 
 
 # ---- baselines --------------------------------------------------------------------------------
@@ -275,14 +364,19 @@ class _MemoryRouter(Router):
 
     def partial_fit(self, examples):
         for e in examples:
-            if e.best_tier not in self.tiers:
+            if e.best_tier is not None and e.best_tier not in self.tiers:
                 raise ValueError(f"example best_tier {e.best_tier!r} is not one of {self.tiers}")
+        # A classifier needs the exact cheapest adequate tier; censored rows that do not pin it
+        # down are skipped rather than given an invented label.
+        labelled = [(e, e.exact_tier(self.tiers)) for e in examples]
+        labelled = [(e, t) for e, t in labelled if t is not None]
+        examples = [e for e, _ in labelled]
         if examples:
             enc = np.stack([self._encode(e.x) for e in examples]).astype(np.float32)
             aux = np.array([[np.nan if v is None else v for v in (e.context_items, e.temperature, e.top_p)]
                             for e in examples], np.float32)
             self._inputs = enc if not len(self._labels) else np.concatenate([self._inputs, enc])
-            self._labels = np.concatenate([self._labels, [self.tiers.index(e.best_tier) for e in examples]])
+            self._labels = np.concatenate([self._labels, [self.tiers.index(t) for _, t in labelled]])
             self._aux = np.concatenate([self._aux, aux])
             self._refit()
         return {"router": self.name, "examples": int(len(self._labels)), "trained": bool(len(self._labels))}
@@ -389,8 +483,9 @@ class OracleRouter(Router):
 
     def partial_fit(self, examples):
         for e in examples:
-            if e.best_tier not in self.tiers:
-                raise ValueError(f"example best_tier {e.best_tier!r} is not one of {self.tiers}")
+            tier = e.exact_tier(self.tiers)
+            if tier is None or tier not in self.tiers:
+                raise ValueError(f"example best_tier {tier!r} is not one of {self.tiers}")
             self._labels[self._key(e.x.query_vec)] = e
         return {"router": self.name, "examples": len(self._labels), "trained": True}
 
@@ -400,7 +495,7 @@ class OracleRouter(Router):
             raise ValueError("oracle router has no label for this query: fit it on the evaluation set first "
                              "(the oracle is an evaluation upper bound, never a serving router)")
         probs = np.zeros(len(self.tiers))
-        probs[self.tiers.index(e.best_tier)] = 1.0
+        probs[self.tiers.index(e.exact_tier(self.tiers))] = 1.0
         items = self.default_context_items
         if e.context_items is not None:
             items = min(self.config.context_buckets, key=lambda b: abs(b - e.context_items))

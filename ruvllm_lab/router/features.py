@@ -79,12 +79,16 @@ class RouterBatch:
     """Featurised examples as tensors; targets that an example lacks are masked.
 
     x (B, F) float32; h0 (B, H) float32 (the hidden state each example was routed with, zeros
-    when unknown); tier (B,) int64; context_bucket (B,) int64, -1 = unknown; temperature and
-    top_p (B,) float32, NaN = unknown; tier_scores (B, T) float32, NaN = unknown.
+    when unknown); tier (B,) int64, the exact cheapest adequate tier, -1 where the observations do
+    not pin it down (censored rows); cum_target / cum_weight (B, T-1) float32, the ordinal targets
+    of ``ordinal_targets`` (weight 0 = head unobserved); context_bucket (B,) int64, -1 = unknown;
+    temperature and top_p (B,) float32, NaN = unknown; tier_scores (B, T) float32, NaN = unknown.
     """
     x: torch.Tensor
     h0: torch.Tensor
     tier: torch.Tensor
+    cum_target: torch.Tensor
+    cum_weight: torch.Tensor
     context_bucket: torch.Tensor
     temperature: torch.Tensor
     top_p: torch.Tensor
@@ -102,9 +106,34 @@ class RouterBatch:
         return [self.subset(order[i:i + batch_size]) for i in range(0, len(self), batch_size)]
 
 
+def ordinal_targets(observed: dict[int, tuple[float, float]], n_tiers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Censored observations -> targets and weights of the T-1 cumulative heads (head i: Y <= i).
+
+    ``observed``: {tier index t: (adequate v in [0, 1], weight w)} for the tiers actually tried.
+    Adequate at t means Y <= t, an observed 1 for every head i >= t; inadequate at t means Y > t,
+    an observed 0 for every head i <= t (by monotonicity no cheaper tier was adequate either).
+    A soft v counts as weight w·v of the first and w·(1 - v) of the second.  Each head's target
+    is the weighted mean of what it observed and its weight the total (a weighted sum of BCEs
+    equals the total weight times one BCE at the mean target); heads nothing speaks to get
+    weight 0.  Untried tiers are never given a label.
+    """
+    k = n_tiers - 1
+    pos, neg = np.zeros(k), np.zeros(k)
+    for t, (v, w) in observed.items():
+        if not 0 <= t < n_tiers:
+            raise ValueError(f"observed tier index {t} outside 0..{n_tiers - 1}")
+        if not 0.0 <= v <= 1.0 or w < 0:
+            raise ValueError(f"observation at tier {t}: need adequacy in [0, 1] and weight >= 0, got {v}, {w}")
+        pos[t:] += w * v  # heads i >= t (none when t is the largest tier)
+        neg[:t + 1] += w * (1.0 - v)  # heads i <= t
+    weight = pos + neg
+    target = np.divide(pos, weight, out=np.full(k, np.nan), where=weight > 0)
+    return target.astype(np.float32), weight.astype(np.float32)
+
+
 def featurise(examples: Sequence["RouterExample"], tiers: Sequence[str], input_dim: int,
               context_buckets: Sequence[int] = (0, 2, 4, 8), hidden_dim: int | None = None) -> RouterBatch:
-    """Examples -> RouterBatch.  Raises ValueError naming an example whose best_tier is unknown."""
+    """Examples -> RouterBatch.  Raises ValueError naming an example whose tier is unknown."""
     tiers = list(tiers)
     if not examples:
         raise ValueError("featurise needs at least one example")
@@ -113,15 +142,25 @@ def featurise(examples: Sequence["RouterExample"], tiers: Sequence[str], input_d
     x = np.stack([featurise_input(e.x, tiers, input_dim) for e in examples])
     h_dim = hidden_dim or 0
     h0 = np.zeros((b, h_dim), np.float32)
-    tier = np.empty(b, np.int64)
+    tier = np.full(b, -1, np.int64)
+    cum_target = np.full((b, max(len(tiers) - 1, 0)), np.nan, np.float32)
+    cum_weight = np.zeros((b, max(len(tiers) - 1, 0)), np.float32)
     bucket = np.full(b, -1, np.int64)
     temperature = np.full(b, np.nan, np.float32)
     top_p = np.full(b, np.nan, np.float32)
     scores = np.full((b, len(tiers)), np.nan, np.float32)
     for i, e in enumerate(examples):
-        if e.best_tier not in index:
+        if e.best_tier is not None and e.best_tier not in index:
             raise ValueError(f"example {i}: best_tier {e.best_tier!r} is not one of the router's tiers {tiers}")
-        tier[i] = index[e.best_tier]
+        try:
+            observed = e.observed(tiers)
+        except ValueError as err:
+            raise ValueError(f"example {i}: {err}") from None
+        if len(tiers) > 1:
+            cum_target[i], cum_weight[i] = ordinal_targets({index[t]: ow for t, ow in observed.items()}, len(tiers))
+        exact = e.exact_tier(tiers)
+        if exact is not None:
+            tier[i] = index[exact]
         if e.context_items is not None:
             bucket[i] = context_bucket_index(e.context_items, context_buckets)
         if e.temperature is not None:
@@ -136,5 +175,6 @@ def featurise(examples: Sequence["RouterExample"], tiers: Sequence[str], input_d
             s = np.asarray(state, np.float32).reshape(-1)
             if s.shape[0] == h_dim:  # a state from a differently sized router is ignored, not an error
                 h0[i] = s
-    return RouterBatch(torch.from_numpy(x), torch.from_numpy(h0), torch.from_numpy(tier), torch.from_numpy(bucket),
+    return RouterBatch(torch.from_numpy(x), torch.from_numpy(h0), torch.from_numpy(tier), torch.from_numpy(cum_target),
+                       torch.from_numpy(cum_weight), torch.from_numpy(bucket),
                        torch.from_numpy(temperature), torch.from_numpy(top_p), torch.from_numpy(scores))

@@ -1,12 +1,24 @@
 """FastGRNNRouter: request features -> FastGRNN cell (state carried across a session) -> heads.
 
-    x (B, F) --FastGRNNCell--> h' (B, H) --Linear--> [ tier logits (T) | context logits (C) |
-                                                      temperature | top_p | confidence ]
+    x (B, F) --FastGRNNCell--> h' (B, H) --Linear--> [ cumulative tier heads (T-1) | context logits (C) |
+                                                      temperature | top_p ]
 
-The five heads share one Linear layer (one matmul at batch 1).  Output squashing:
-temperature = TEMPERATURE_MAX · σ(a), top_p = σ(b), confidence = σ(c) — the router's own
-estimate that its argmax tier is the right one, which ``FastGRNNPolicy`` compares with
-``router.confidence_threshold`` to decide whether the fallback takes over.
+Tier heads are **ordinal and cumulative**.  Tiers are ordered by cost (cheapest first); Y is the
+cheapest tier whose answer is adequate.  Head i models C_i = P(Y <= i) for i = 0..T-2
+(C_{T-1} = 1: the largest tier is the last resort).  Monotone by construction::
+
+    z_0 = a_0,   z_i = z_{i-1} + softplus(a_i),   C_i = sigmoid(z_i)
+
+so C_0 <= C_1 <= ... for every input.  The tier distribution is the difference
+p(i) = C_i - C_{i-1} (C_{-1} = 0, C_{T-1} = 1).  Why cumulative: in serving only the chosen
+tier's outcome is seen, and "tier t was adequate" is exactly the event Y <= t ("not adequate"
+is Y > t), so every observation is a target for heads without inventing a label for an untried
+tier (``train.ordinal_loss``).
+
+Serving rule (``Router._ordinal_choice`` in ``router.base``; ``train.predicted_tiers`` in batch): the cheapest tier i with C_i >= ``router.confidence_threshold``;
+when no cheaper tier reaches it, the configured ``router.fallback`` (the largest tier by
+default, which is also where the cumulative rule itself ends).  The decision's confidence is
+C of the chosen tier.  Output squashing: temperature = TEMPERATURE_MAX · σ(a), top_p = σ(b).
 
 ``tier_costs`` (buffer, (T,), max 1) is the relative cost used by the cost-aware loss:
 ``models.resolve(t).relative_cost`` (parameter-weighted) when every tier is a ladder tier,
@@ -21,6 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import models
@@ -30,6 +43,7 @@ from .fastgrnn import FastGRNNCell
 from .features import feature_dim, featurise, featurise_input
 
 TEMPERATURE_MAX = 1.5
+UNTRAINED_CUM_BIAS = -2.0  # raw head bias at init: C_0 = σ(-2) ≈ 0.12, later heads add softplus(-2) ≈ 0.13 each
 
 
 def tier_costs(tiers: Sequence[str]) -> torch.Tensor:
@@ -48,11 +62,34 @@ def _logit(p: float) -> float:
 @dataclass
 class RouterOutput:
     h: torch.Tensor  # (B, H) new hidden state
-    tier_logits: torch.Tensor  # (B, T)
+    cum_logits: torch.Tensor  # (B, T-1) z_i = logit P(Y <= i), non-decreasing in i
     context_logits: torch.Tensor  # (B, C)
     temperature: torch.Tensor  # (B,) in (0, TEMPERATURE_MAX)
     top_p: torch.Tensor  # (B,) in (0, 1)
-    confidence_logit: torch.Tensor  # (B,)
+
+    @property
+    def cum_probs(self) -> torch.Tensor:
+        """(B, T-1) C_i = P(Y <= i)."""
+        return torch.sigmoid(self.cum_logits)
+
+    @property
+    def tier_probs(self) -> torch.Tensor:
+        """(B, T) p(i) = C_i - C_{i-1}; sums to 1."""
+        return tier_probs_from_cumulative(self.cum_probs)
+
+
+def cumulative_logits(raw: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) raw head outputs a -> z with z_0 = a_0, z_i = z_{i-1} + softplus(a_i) (monotone)."""
+    if raw.shape[-1] <= 1:
+        return raw
+    return torch.cat([raw[..., :1], raw[..., :1] + torch.cumsum(F.softplus(raw[..., 1:]), -1)], -1)
+
+
+def tier_probs_from_cumulative(cum: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) C -> (B, T) p with p(i) = C_i - C_{i-1}, C_{-1} = 0, C_{T-1} = 1."""
+    lead = cum.shape[:-1]
+    full = torch.cat([torch.zeros(*lead, 1, dtype=cum.dtype), cum, torch.ones(*lead, 1, dtype=cum.dtype)], -1)
+    return (full[..., 1:] - full[..., :-1]).clamp(min=0.0)
 
 
 class FastGRNNRouter(nn.Module):
@@ -66,14 +103,17 @@ class FastGRNNRouter(nn.Module):
         self.config = config
         self.feature_dim = feature_dim(self.input_dim, len(self.tiers))
         self.cell = FastGRNNCell(self.feature_dim, config.hidden_dim, config.w_rank or None, config.u_rank or None)
-        n_t, n_c = len(self.tiers), len(self.context_buckets)
-        self.head = nn.Linear(config.hidden_dim, n_t + n_c + 3)  # fused tier | context | temp | top_p | conf
+        n_k, n_c = len(self.tiers) - 1, len(self.context_buckets)
+        self.head = nn.Linear(config.hidden_dim, n_k + n_c + 2)  # fused cumulative tier | context | temp | top_p
         with torch.no_grad():  # start at the inference defaults, so an untrained router samples sanely
-            self.head.bias[n_t + n_c] = _logit(DEFAULT_TEMPERATURE / TEMPERATURE_MAX)
-            self.head.bias[n_t + n_c + 1] = _logit(DEFAULT_TOP_P)
-            self.head.bias[n_t + n_c - 1] += 2.0  # and with the largest context bucket until taught otherwise
+            self.head.bias[n_k + n_c] = _logit(DEFAULT_TEMPERATURE / TEMPERATURE_MAX)
+            self.head.bias[n_k + n_c + 1] = _logit(DEFAULT_TOP_P)
+            self.head.bias[n_k + n_c - 1] += 2.0  # and with the largest context bucket until taught otherwise
+            # Untaught, every C_i starts low (~0.1), so the serving rule picks the largest tier:
+            # quality first until outcomes say a cheaper tier is enough.
+            self.head.bias[:n_k] = UNTRAINED_CUM_BIAS
         self.register_buffer("tier_costs", tier_costs(self.tiers))
-        self._splits = (n_t, n_c, 1, 1, 1)
+        self._splits = (n_k, n_c, 1, 1)
 
     @property
     def hidden_dim(self) -> int:
@@ -81,9 +121,9 @@ class FastGRNNRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> RouterOutput:
         h_new = self.cell(x, h)  # (B, H)
-        tier, ctx, temp, top_p, conf = torch.split(self.head(h_new), self._splits, dim=-1)
-        return RouterOutput(h_new, tier, ctx, TEMPERATURE_MAX * torch.sigmoid(temp[:, 0]), torch.sigmoid(top_p[:, 0]),
-                            conf[:, 0])
+        cum, ctx, temp, top_p = torch.split(self.head(h_new), self._splits, dim=-1)
+        return RouterOutput(h_new, cumulative_logits(cum), ctx, TEMPERATURE_MAX * torch.sigmoid(temp[:, 0]),
+                            torch.sigmoid(top_p[:, 0]))
 
 
 def build_model(input_dim: int, tiers: Sequence[str], config: RouterConfig, seed: int = 0) -> FastGRNNRouter:
@@ -150,16 +190,16 @@ class FastGRNNPolicy(Router):
                              "start the session with state=None")
         if self.backend == "numpy":
             out = self._numpy_model().step(feats, h)
-            probs, conf, ctx, temp, top_p, h_new = (out.tier_probs, out.confidence, out.context_index,
-                                                    out.temperature, out.top_p, out.h)
+            cum, probs, ctx, temp, top_p, h_new = (out.cum_probs, out.tier_probs, out.context_index,
+                                                   out.temperature, out.top_p, out.h)
         else:
             with torch.inference_mode():
                 o = self.model(torch.from_numpy(feats)[None, :], torch.from_numpy(h)[None, :])
-                probs = torch.softmax(o.tier_logits[0], -1).numpy()
-                conf = float(torch.sigmoid(o.confidence_logit[0]))
+                cum, probs = o.cum_probs[0].double().numpy(), o.tier_probs[0].double().numpy()
                 ctx = int(o.context_logits[0].argmax())
                 temp, top_p, h_new = float(o.temperature[0]), float(o.top_p[0]), o.h[0].numpy().copy()
-        return RawRoute(probs, conf, self.model.context_buckets[ctx], temp, top_p, h_new)
+        # confidence is filled in by the shared ordinal rule (C of the chosen tier)
+        return RawRoute(probs, float("nan"), self.model.context_buckets[ctx], temp, top_p, h_new, cum=cum)
 
     # ---- learning ---------------------------------------------------------------------------------
     def featurise(self, examples: Sequence[RouterExample]):

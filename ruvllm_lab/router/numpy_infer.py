@@ -18,15 +18,26 @@ from .model import TEMPERATURE_MAX, FastGRNNRouter
 @dataclass
 class NumpyStep:
     h: np.ndarray  # (H,) new hidden state
-    tier_probs: np.ndarray  # (T,)
+    cum_probs: np.ndarray  # (T-1,) C_i = P(cheapest adequate tier <= i)
+    tier_probs: np.ndarray  # (T,) C_i - C_{i-1}
     context_index: int
     temperature: float
     top_p: float
-    confidence: float
 
 
 def _sigmoid(a):
     return 1.0 / (1.0 + np.exp(-a))
+
+
+def _sigmoid_scalar(a: float) -> float:
+    if a >= 0:
+        return 1.0 / (1.0 + math.exp(-a))
+    e = math.exp(a)
+    return e / (1.0 + e)
+
+
+def _softplus(a: float) -> float:
+    return max(a, 0.0) + math.log1p(math.exp(-abs(a)))  # stable log(1 + e^a), as torch's softplus
 
 
 class NumpyFastGRNN:
@@ -38,7 +49,7 @@ class NumpyFastGRNN:
         self.bias_update = a["cell.bias_update"].reshape(-1)
         self.sig_zeta = float(_sigmoid(a["cell.zeta"].reshape(())))
         self.sig_nu = float(_sigmoid(a["cell.nu"].reshape(())))
-        self.head_w = a["head.weight"].T.copy()  # (H, T + C + 3)
+        self.head_w = a["head.weight"].T.copy()  # (H, T - 1 + C + 2)
         self.head_b = a["head.bias"]
         self.n_tiers, self.n_buckets = n_tiers, n_buckets
 
@@ -63,14 +74,16 @@ class NumpyFastGRNN:
     def step(self, x: np.ndarray, h: np.ndarray) -> NumpyStep:
         """One routing decision: x (F,), h (H,)."""
         h_new = self.cell(x, h).astype(np.float32)
-        out = (h_new @ self.head_w + self.head_b).tolist()  # T + C + 3 floats: plain math beats tiny ufuncs
-        t, c = self.n_tiers, self.n_buckets
-        logits = out[:t]
-        top = max(logits)
-        e = [math.exp(v - top) for v in logits]
-        total = sum(e)
-        ctx = out[t:t + c]
-        return NumpyStep(h=h_new, tier_probs=np.array([v / total for v in e]), context_index=ctx.index(max(ctx)),
-                         temperature=TEMPERATURE_MAX / (1.0 + math.exp(-out[t + c])),
-                         top_p=1.0 / (1.0 + math.exp(-out[t + c + 1])),
-                         confidence=1.0 / (1.0 + math.exp(-out[t + c + 2])))
+        out = (h_new @ self.head_w + self.head_b).tolist()  # T - 1 + C + 2 floats: plain math beats tiny ufuncs
+        k, c = self.n_tiers - 1, self.n_buckets
+        cum, z = [], 0.0
+        for i, a in enumerate(out[:k]):  # z_0 = a_0, z_i = z_{i-1} + softplus(a_i): monotone
+            z = a if i == 0 else z + _softplus(a)
+            cum.append(_sigmoid_scalar(z))
+        full = [0.0, *cum, 1.0]
+        ctx = out[k:k + c]
+        return NumpyStep(h=h_new, cum_probs=np.array(cum), tier_probs=np.array([max(full[i + 1] - full[i], 0.0)
+                                                                               for i in range(k + 1)]),
+                         context_index=ctx.index(max(ctx)),
+                         temperature=TEMPERATURE_MAX * _sigmoid_scalar(out[k + c]),
+                         top_p=_sigmoid_scalar(out[k + c + 1]))

@@ -1,13 +1,20 @@
-"""Training the FastGRNN router: cost-aware loss, EdgeML's three-phase schedule, size report.
+"""Training the FastGRNN router: censored ordinal loss, EdgeML's three-phase schedule, size report.
 
-Loss per example i (``router_loss``)::
+Loss per example b (``router_loss``; ``reduction="mean"`` averages the first term over the
+observed head events sum_bi w_bi -- at least 1 -- and the rest over the rows)::
 
-    L_i = CE(tier_logits_i, best_tier_i)                       # the cheapest tier that answered well
-        + cost_weight · Σ_t p_i(t) · cost(t)                   # expected relative cost under the prediction
-        + CE(context_logits_i, bucket_i)         if logged     # context-size class
-        + (temperature_i − target)²              if logged
-        + (top_p_i − target)²                    if logged
-        + BCE(confidence_logit_i, [argmax p_i == best_tier_i]) # calibrates the fallback trigger
+    L_b = sum_i w_bi · BCE(z_bi, y_bi)                         # ordinal label loss (``ordinal_loss``)
+        + cost_weight · sum_t p_b(t) · cost(t)                 # expected relative cost (0 by default)
+        + CE(context_logits_b, bucket_b)         if logged     # context-size class
+        + (temperature_b − target)²              if logged
+        + (top_p_b − target)²                    if logged
+
+z_bi = logit P(Y <= i) are the cumulative tier heads (``model``); y_bi / w_bi come from what
+was observed (``features.ordinal_targets``): success at tier t is a 1 for heads i >= t,
+failure a 0 for heads i <= t, nothing else.  The first term is the negative log-likelihood
+of the observed label events; it alone is what EWC's Fisher is taken of (``label_loss``).
+The context and sampling heads only have targets on well-judged answers (the learning
+service leaves them unlogged otherwise).
 
 Three-phase schedule (Kusupati et al. 2018 / EdgeML ``FastTrainer``), epochs split in thirds:
 
@@ -40,25 +47,15 @@ Penalty = Callable[[nn.Module], torch.Tensor]
 
 
 # ---- loss ---------------------------------------------------------------------------------------
-def router_loss(model: FastGRNNRouter, batch: RouterBatch, reduction: str = "mean",
-                cost_weight: float | None = None) -> torch.Tensor:
-    """Cost-aware routing loss (module docstring).  ``reduction="none"`` gives (B,) per-example
-    losses, which is what a per-sample Fisher (EWC) needs."""
-    out = model(batch.x, batch.h0 if batch.h0.shape[1] == model.hidden_dim else None)
-    cw = model.config.cost_weight if cost_weight is None else cost_weight
-    log_p = F.log_softmax(out.tier_logits, dim=-1)  # (B, T)
-    loss = F.nll_loss(log_p, batch.tier, reduction="none")  # (B,)
-    loss = loss + cw * (log_p.exp() * model.tier_costs).sum(-1)
-    known_ctx = batch.context_bucket >= 0
-    if known_ctx.any():
-        ctx = F.cross_entropy(out.context_logits, batch.context_bucket.clamp(min=0), reduction="none")
-        loss = loss + torch.where(known_ctx, ctx, torch.zeros_like(ctx))
-    for pred, target in ((out.temperature, batch.temperature), (out.top_p, batch.top_p)):
-        known = ~torch.isnan(target)
-        if known.any():
-            loss = loss + torch.where(known, (pred - torch.nan_to_num(target)) ** 2, torch.zeros_like(pred))
-    correct = (out.tier_logits.argmax(-1) == batch.tier).float()  # (B,), no gradient: a label
-    loss = loss + F.binary_cross_entropy_with_logits(out.confidence_logit, correct, reduction="none")
+def ordinal_loss(cum_logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) logits, targets (NaN where unobserved), weights (0 where unobserved) -> (B,)
+    sum_i w_i · BCE(z_i, y_i): the censored ordinal negative log-likelihood of each row."""
+    y = torch.nan_to_num(target, nan=0.0)
+    bce = F.binary_cross_entropy_with_logits(cum_logits, y, reduction="none")
+    return (weight * bce).sum(-1)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return loss
     if reduction == "sum":
@@ -66,11 +63,74 @@ def router_loss(model: FastGRNNRouter, batch: RouterBatch, reduction: str = "mea
     return loss.mean()
 
 
+def _h0(model: FastGRNNRouter, batch: RouterBatch) -> torch.Tensor | None:
+    return batch.h0 if batch.h0.shape[1] == model.hidden_dim else None
+
+
+def label_loss(model: FastGRNNRouter, batch: RouterBatch, reduction: str = "mean") -> torch.Tensor:
+    """Negative log-likelihood of the observed tier labels only (no cost, no context/sampling
+    heads): the objective whose per-sample gradients give EWC's Fisher (Kirkpatrick et al. 2017)."""
+    out = model(batch.x, _h0(model, batch))
+    return _reduce(ordinal_loss(out.cum_logits, batch.cum_target, batch.cum_weight), reduction)
+
+
+def router_loss(model: FastGRNNRouter, batch: RouterBatch, reduction: str = "mean",
+                cost_weight: float | None = None) -> torch.Tensor:
+    """The training objective (module docstring).  ``reduction="none"`` gives (B,) per-example losses."""
+    out = model(batch.x, _h0(model, batch))
+    cw = model.config.cost_weight if cost_weight is None else cost_weight
+    label = ordinal_loss(out.cum_logits, batch.cum_target, batch.cum_weight)  # (B,)
+    other = torch.zeros_like(label)
+    if cw:
+        other = other + cw * (out.tier_probs * model.tier_costs).sum(-1)
+    known_ctx = batch.context_bucket >= 0
+    if known_ctx.any():
+        ctx = F.cross_entropy(out.context_logits, batch.context_bucket.clamp(min=0), reduction="none")
+        other = other + torch.where(known_ctx, ctx, torch.zeros_like(ctx))
+    for pred, target in ((out.temperature, batch.temperature), (out.top_p, batch.top_p)):
+        known = ~torch.isnan(target)
+        if known.any():
+            other = other + torch.where(known, (pred - torch.nan_to_num(target)) ** 2, torch.zeros_like(pred))
+    if reduction == "mean":
+        # The label term is averaged over the observed head events, not the rows: in bandit batches
+        # most rows say nothing about most heads, and a row mean would shrink the label signal
+        # against the EWC penalty by the share of unobserved heads.
+        return label.sum() / batch.cum_weight.sum().clamp(min=1.0) + other.mean()
+    return _reduce(label + other, reduction)
+
+
 @torch.no_grad()
-def accuracy(model: FastGRNNRouter, batch: RouterBatch) -> float:
-    """Fraction of examples whose argmax tier is the label (no fallback applied)."""
-    out = model(batch.x, batch.h0 if batch.h0.shape[1] == model.hidden_dim else None)
-    return float((out.tier_logits.argmax(-1) == batch.tier).float().mean())
+def predicted_tiers(model: FastGRNNRouter, batch: RouterBatch, threshold: float | None = None) -> torch.Tensor:
+    """(B,) the serving rule's tier index: cheapest i with C_i >= threshold (default
+    ``router.confidence_threshold``), else the largest tier (the default fallback)."""
+    out = model(batch.x, _h0(model, batch))
+    tau = model.config.confidence_threshold if threshold is None else threshold
+    n = len(model.tiers)
+    reached = torch.cat([out.cum_probs >= tau, torch.ones(len(batch), 1, dtype=torch.bool)], -1)  # (B, T)
+    return torch.where(reached, torch.arange(n).expand(len(batch), n), torch.full((len(batch), n), n)).min(-1).values
+
+
+@torch.no_grad()
+def accuracy(model: FastGRNNRouter, batch: RouterBatch, threshold: float | None = None) -> float:
+    """Share of rows with an exact label (``batch.tier >= 0``) where the serving rule picks that tier;
+    nan when no row has one (purely censored batches)."""
+    known = batch.tier >= 0
+    if not known.any():
+        return float("nan")
+    pred = predicted_tiers(model, batch, threshold)
+    return float((pred[known] == batch.tier[known]).float().mean())
+
+
+@torch.no_grad()
+def ordinal_accuracy(model: FastGRNNRouter, batch: RouterBatch, threshold: float = 0.5) -> float:
+    """Weighted share of observed head events the model gets on the right side of `threshold`
+    (works on censored rows, where ``accuracy`` has no exact label)."""
+    out = model(batch.x, _h0(model, batch))
+    w = batch.cum_weight
+    if float(w.sum()) == 0:
+        return float("nan")
+    right = ((out.cum_probs >= threshold).float() == (torch.nan_to_num(batch.cum_target) >= 0.5).float()).float()
+    return float((w * right).sum() / w.sum())
 
 
 # ---- hard thresholding ---------------------------------------------------------------------------------
@@ -196,18 +256,45 @@ def three_phase_fit(model: FastGRNNRouter, batch: RouterBatch, config: RouterCon
 
 
 # ---- size -------------------------------------------------------------------------------------------------
-def size_report(model: nn.Module) -> dict:
-    """Parameter count, non-zeros and size in KB.
+EDGEML_SPARSE_BELOW = 0.5  # EdgeML's estimateNNZ stores a matrix sparse only below this density
+INT8_INDEX_BYTES = 2  # a 1-byte index cannot address a matrix of more than 256 entries
 
-    Convention (EdgeML's ``get_model_size``): a sparse model is charged for its non-zero values
-    only; ``size_kb_int8`` adds one float32 scale per tensor (symmetric per-tensor quantisation).
-    Index storage for the sparse layout is not counted; ``size_kb_float32_dense`` is the plain size."""
-    params = list(model.parameters())
-    count = sum(p.numel() for p in params)
-    nnz = sum(int((p.detach() != 0).sum()) for p in params)
+
+def edgeml_size_bytes(numel: int, nonzeros: int, sparsifiable: bool, value_bytes: int = 4,
+                      index_bytes: int | None = None) -> int:
+    """Bytes of one tensor under EdgeML's convention (``utils.estimateNNZ`` / ``getModelSize``).
+
+    A matrix that hard thresholding sparsifies and whose density ``nonzeros / numel`` is below
+    0.5 is stored sparse: every non-zero costs its value plus its index (``index_bytes``,
+    default = ``value_bytes``, as EdgeML's ``2 * bytesPerVar``).  Everything else (denser
+    matrices, biases, ζ, ν, heads) is stored dense: ``numel * value_bytes``.  EdgeML takes the
+    density from the sparsity *target*; here it is counted, which is the same after IHT.
+    """
+    index_bytes = value_bytes if index_bytes is None else index_bytes
+    if sparsifiable and numel and nonzeros / numel < EDGEML_SPARSE_BELOW:
+        return nonzeros * (value_bytes + index_bytes)
+    return numel * value_bytes
+
+
+def size_report(model: nn.Module) -> dict:
+    """Parameter count, non-zeros and size in KB (1 KB = 1024 bytes).
+
+    ``size_kb_float32`` follows EdgeML (``edgeml_size_bytes``: a sparse cell matrix is charged
+    4 bytes of value + 4 bytes of index per non-zero, every other tensor dense).
+    ``size_kb_int8``: the same layout with 1-byte values and a 2-byte index (EdgeML's
+    ``bytesPerVar = 1`` would give a 1-byte index, which cannot address these matrices), plus
+    one float32 scale per tensor (symmetric per-tensor quantisation).  ``size_kb_float32_dense``
+    is the plain size."""
+    params = dict(model.named_parameters())
     cell = getattr(model, "cell", None)
-    report = {"param_count": count, "nonzeros": nnz,
-              "size_kb_float32": nnz * 4 / 1024, "size_kb_int8": (nnz + 4 * len(params)) / 1024,
+    sparse_names = {f"cell.{n}" for n in cell.matrix_names()} if cell is not None else set()
+    count = sum(p.numel() for p in params.values())
+    nnz_of = {n: int((p.detach() != 0).sum()) for n, p in params.items()}
+    f32 = sum(edgeml_size_bytes(p.numel(), nnz_of[n], n in sparse_names) for n, p in params.items())
+    i8 = sum(edgeml_size_bytes(p.numel(), nnz_of[n], n in sparse_names, 1, INT8_INDEX_BYTES) + 4
+             for n, p in params.items())
+    report = {"param_count": count, "nonzeros": sum(nnz_of.values()),
+              "size_kb_float32": f32 / 1024, "size_kb_int8": i8 / 1024,
               "size_kb_float32_dense": count * 4 / 1024}
     if cell is not None:
         mats = [getattr(cell, n) for n in cell.matrix_names()]

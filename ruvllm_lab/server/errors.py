@@ -9,8 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..errors import (ContextOverflow, DeadlineExceeded, ModelNotFound, Overloaded, RequestNotFound, RuvLLMError,
-                      SessionNotFound)
+from ..errors import (Cancelled, ContextOverflow, DeadlineExceeded, ModelNotFound, Overloaded, RequestNotFound,
+                      RuvLLMError, SessionNotFound, ShuttingDown)
 
 log = logging.getLogger("ruvllm_lab.server")
 
@@ -18,6 +18,8 @@ RETRY_AFTER_S = "1"
 
 # (status, error name); the first matching class wins
 STATUS = [
+    (ShuttingDown, 503, "shutting_down"),
+    (Cancelled, 503, "cancelled"),
     (Overloaded, 503, "overloaded"),
     (RequestNotFound, 404, "request_not_found"),
     (SessionNotFound, 404, "session_not_found"),

@@ -13,6 +13,15 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill time)
         self._lock = threading.Lock()
 
+    def blocked_for(self, key: str) -> float:
+        """Seconds until `key` has a token again, without taking one (0.0 when it has one now)."""
+        if self.capacity <= 0:
+            return 0.0
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.capacity, self._clock()))
+        tokens = min(self.capacity, tokens + (self._clock() - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def acquire(self, key: str) -> float:
         """0.0 when allowed; otherwise the seconds to wait before the next token."""
         if self.capacity <= 0:

@@ -95,6 +95,14 @@ class HealthOut(BaseModel):
     memory: ComponentOut
     router: ComponentOut
     inference: ComponentOut
+    draining: bool = False
+    in_flight: int = Field(0, description="requests holding an admission slot now (not cached)")
+    checked_at: float | None = Field(None, description="unix time of the probe this report comes from "
+                                                       "(reused for server.health_cache_s)")
+
+
+class LivenessOut(BaseModel):
+    status: Literal["ok", "draining"]
 
 
 class ErrorOut(BaseModel):
