@@ -8,7 +8,7 @@ with a full memory store, and peak resident memory, on the edge profile.
 * Memory: before the model is loaded, a child process fills a fresh store (under a temp dir) with
   `--memory-nodes` synthetic nodes through MemoryService's writeback queue: clustered random unit
   vectors, so the 'similar' edges the service draws give graph expansion real work.  Their cosine
-  to a real question stays under attention.min_relevance, so they are searched, expanded and
+  to a real question stays under retrieval.relevance_threshold, so they are searched, expanded and
   ranked but not shown to the model.  The fill runs in a child so the peak RSS below is the
   serving process alone.
 * Load: `--warmup` sequential queries (model load, first eviction when the store is at

@@ -44,10 +44,12 @@ class Client:
             return json.loads(resp.read())
 
     def health(self) -> dict:
+        """The component report (``/v1/health/ready``, needs the key); without a key, liveness only."""
+        path = "/v1/health/ready" if self.api_key else "/v1/health"
         try:
-            return self._json("GET", "/v1/health")
+            return self._json("GET", path)
         except urllib.error.HTTPError as e:
-            if e.code == 503:  # critical: the body is still the health report
+            if e.code == 503:  # critical or draining: the body is still the health report
                 return json.loads(e.read())
             raise
 
@@ -94,11 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(args.url, os.environ.get("RUVLLM_API_KEY") or None)
     try:
         health = client.health()
-        print(f"health: {health['overall']} (" + ", ".join(
-            f"{name} {'ok' if health[name]['healthy'] else 'DOWN: ' + str(health[name]['error'])}"
-            for name in ("memory", "router", "inference")) + ")")
-        if args.health_only:
-            return 0 if health["overall"] != "critical" else 1
+        if "overall" not in health:  # no key: the open liveness probe
+            print(f"health: {health['status']} (liveness only; the component report needs a key)")
+            if args.health_only:
+                return 0 if health["status"] == "ok" else 1
+        else:
+            print(f"health: {health['overall']} (" + ", ".join(
+                f"{name} {'ok' if health[name]['healthy'] else 'DOWN: ' + str(health[name]['error'])}"
+                for name in ("memory", "router", "inference")) + ")")
+            if args.health_only:
+                return 0 if health["overall"] != "critical" else 1
 
         fields = {}
         if args.session:

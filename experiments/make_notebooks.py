@@ -86,8 +86,11 @@ def notebook(cells) -> nbformat.NotebookNode:
     params = cells[0].source if cells and "parameters" in cells[0].metadata.get("tags", []) else ""
     coerce = json_coercions(params) if params else ""
     for cell in cells:  # right after the setup block, before anything uses a parameter
-        if cell.cell_type == "code" and cell.source.startswith(SETUP) and coerce:
-            cell.source = SETUP + coerce + cell.source[len(SETUP):]
+        if cell.cell_type == "code" and cell.source.startswith(SETUP):
+            body = cell.source[len(SETUP):]
+            # the experiment's figures are shown once, by the cells that display them
+            close = "" if "plt.close(" in body else 'plt.close("all")  # figures show once, where a cell displays them\n'
+            cell.source = SETUP + coerce + body + close
             break
     return nb
 
@@ -195,6 +198,7 @@ ax.legend(fontsize=7, loc="best", framealpha=0.85)
 fig.tight_layout()
 tracker.log_figure(fig, "memory_graph.png")
 display(fig)
+plt.close(fig)  # shown once, here
 '''),
     new_markdown_cell("## Interactive panel\nType a question, press *Ask*, then rate it. (Callbacks run only on clicks, so headless runs pass straight through.)"),
     new_code_cell('''\

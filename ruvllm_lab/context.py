@@ -198,10 +198,12 @@ def calibrate_threshold(related: np.ndarray, unrelated: np.ndarray, max_false_po
 
 
 def _render_note(source: Source) -> str:
-    """One line per note, the answer first: a small model shown "Q: ... A: ..." echoes the question."""
+    """One line per note.  An earlier answer is shown without its question: the gate admitted it as
+    an answer to this very question, and a small model shown "Q: ... A: ..." echoes the question
+    instead of answering (measured in the memory ablation)."""
     if source.kind == "interaction" and source.text.startswith("Q: ") and "\nA: " in source.text:
-        question, answer = source.text[3:].split("\nA: ", 1)
-        return f'- {" ".join(answer.split())} ({source.provenance.lower()}, to the question "{question}")'
+        answer = source.text.split("\nA: ", 1)[1]
+        return f"- {source.provenance} (to this question): {' '.join(answer.split())}"
     return f"- {source.provenance}: {' '.join(source.text.split())}"
 
 

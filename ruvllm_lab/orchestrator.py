@@ -185,6 +185,7 @@ class RuvLLM:
         return {"max_tokens": c.max_tokens or self.config.inference.max_tokens,
                 "temperature": d.temperature if c.temperature is None else c.temperature,
                 "top_p": d.top_p if c.top_p is None else c.top_p,
+                "stop": c.stop or None,
                 "max_latency_ms": _remaining_ms(c.max_latency_ms, prep.t0)}
 
     def _finish(self, prep: _Prepared, gen) -> Response:

@@ -18,6 +18,7 @@ class Constraints:
     temperature: float | None = None
     top_p: float | None = None
     model: str | None = None  # force a tier, bypassing the router
+    stop: list[str] | None = None  # generation ends before the first of these strings
 
 
 @dataclass

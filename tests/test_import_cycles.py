@@ -12,8 +12,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 from .conftest import ROOT
 
 PACKAGE = "ruvllm_lab"
@@ -121,26 +119,7 @@ def test_the_graph_reader_sees_real_imports():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# Cycles that exist today and are being removed (issue 17); each is its strongly connected set.
-# A cycle not listed here fails at once; when a listed one is gone, the xfail below passes
-# (strict) and fails the run, so this list cannot outlive the cycles.
-KNOWN_CYCLES = [
-    ["ruvllm_lab.router.model", "ruvllm_lab.router.numpy_infer", "ruvllm_lab.router.train"],
-    ["ruvllm_lab.server.app", "ruvllm_lab.server.openai_api"],
-]
-
-
-def _show(found: list[list[str]]) -> str:
-    return "\n".join(" <-> ".join(c) for c in found)
-
-
-def test_no_import_cycles_beyond_the_known_ones():
-    new = [c for c in cycles(import_graph()) if c not in KNOWN_CYCLES]
-    assert not new, "import cycles (each line: modules that import each other, directly or not):\n" + _show(new)
-
-
-@pytest.mark.parametrize("cycle", [pytest.param(c, id=c[0], marks=pytest.mark.xfail(
-    strict=True, reason="import cycle remains: " + " <-> ".join(c))) for c in KNOWN_CYCLES])
-def test_a_known_cycle_is_gone(cycle):
-    """Passes (so, strict, fails the run) once the cycle is broken: then delete it from KNOWN_CYCLES."""
-    assert cycle not in cycles(import_graph()), "import cycle: " + " <-> ".join(cycle)
+def test_no_import_cycles():
+    found = cycles(import_graph())
+    assert not found, "import cycles (each line: modules that import each other, directly or not):\n" + "\n".join(
+        " <-> ".join(c) for c in found)

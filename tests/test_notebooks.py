@@ -159,15 +159,17 @@ def test_routing_notebook_params_match_what_ran(tmp_path, mlflow_uri):
 @pytest.mark.slow
 @pytest.mark.model
 def test_routing_notebook_on_the_four_tier_server_profile(tmp_path, mlflow_uri):
-    """server-cpu embeds with an LLM tier (llm-encoder): the experiment must build its own pool for it."""
+    """All four tiers of server-cpu; its embedder (an LLM tier when embedding.model = llm-encoder) is built
+    by the experiment itself."""
     from ruvllm_lab.config import Config
-    tiers = Config.load(ROOT / "configs" / "server-cpu.toml").inference.models
+    profile = Config.load(ROOT / "configs" / "server-cpu.toml")
+    tiers = profile.inference.models
     assert len(tiers) == 4
     nb, run, _ = _execute("01_routing.ipynb", tmp_path, config_path="configs/server-cpu.toml", tiers=tiers,
                           n_queries=4, seeds=[0], max_tokens=6, update_every=2,
                           routers=["fastgrnn", "always-largest"], cache_dir=str(tmp_path / "cache"),
                           experiment_name="nb-routing-server")
-    assert run.data.params["embedding.model"] == "llm-encoder"
+    assert run.data.params["embedding.model"] == profile.embedding.model
     assert run.data.params["exp.tiers"] == ",".join(tiers)
     assert run.data.metrics["bandit/always-largest/cost_reduction"] == pytest.approx(0.0)
 

@@ -235,6 +235,10 @@ def underpowered_reasons(outcomes: OutcomeMatrix, seeds: Sequence[int], per_seed
     n = len(outcomes.items)
     if n < min_queries:
         reasons.append(f"{n} queries per seed < {min_queries}")
+    repeated = n - len({it.query for it in outcomes.items})
+    if repeated:
+        reasons.append(f"{repeated} repeated queries: a memory-based router can look their labels up "
+                       "(generate the workload with distinct=True)")
     if len(seeds) < min_seeds:
         reasons.append(f"{len(seeds)} seed(s) < {min_seeds}: the 95 % CI is not meaningful")
     acc = outcomes.correct.mean(axis=0)

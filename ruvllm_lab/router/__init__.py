@@ -8,9 +8,9 @@ from .base import (ROUTERS, AlwaysRouter, KNNRouter, LogRegRouter, OracleRouter,
                    RouterExample, RouterInput, RoutingDecision, make_router, register_router)
 from .fastgrnn import FastGRNNCell
 from .features import RouterBatch, feature_dim, featurise, featurise_input, ordinal_targets
-from .model import (FastGRNNPolicy, FastGRNNRouter, RouterOutput, build_model, tier_costs,
-                    tier_probs_from_cumulative)
+from .model import FastGRNNRouter, RouterOutput, build_model, tier_costs, tier_probs_from_cumulative
 from .numpy_infer import NumpyFastGRNN
+from .policy import FastGRNNPolicy  # registers "fastgrnn"
 from .train import (accuracy, hard_threshold_, label_loss, load_router, ordinal_accuracy, ordinal_loss,
                     predicted_tiers, router_loss, save_router, size_report, sparsify_, three_phase_fit,
                     train_epochs, train_steps)

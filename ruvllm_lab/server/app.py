@@ -45,7 +45,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import MutableHeaders
 
 from ..config import Config
@@ -54,6 +54,7 @@ from ..types import Constraints, Feedback
 from ..types import Request as QueryRequest
 from .errors import error_response, install_error_handlers
 from .ratelimit import RateLimiter
+from .streaming import CancellingStream, until_disconnect
 from .types import (MAX_TOKENS_CEILING, ErrorOut, FeedbackIn, FeedbackOut, HealthOut, LivenessOut, QueryIn, QueryOut,
                     SessionOut)
 
@@ -234,37 +235,6 @@ class _AccessLog:
                                  "duration_ms": round((time.perf_counter() - t) * 1000, 2)}))
 
 
-# ---- cancellation ------------------------------------------------------------------------------------------
-async def _until_disconnect(request: Request, fn, cancel: threading.Event):
-    """Run blocking `fn` in a worker thread; set `cancel` if the client disconnects meanwhile."""
-    async def watch():
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                cancel.set()
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await run_in_threadpool(fn)
-    finally:
-        watcher.cancel()
-
-
-class _CancellingStream(StreamingResponse):
-    """A streaming response that calls `on_end` however it ends: finished, failed, or the client gone."""
-
-    def __init__(self, content, on_end, **kwargs):
-        super().__init__(content, **kwargs)
-        self._on_end = on_end
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_end()
-
-
 def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
 
@@ -346,12 +316,12 @@ def create_app(config: Config, llm=None) -> FastAPI:
         llm = llm_of(request)
         if not body.stream:
             cancel = threading.Event()
-            answer = await _until_disconnect(request, lambda: llm.query_with(req, cancel), cancel)
+            answer = await until_disconnect(request, lambda: llm.query_with(req, cancel), cancel)
             response.headers["X-Request-ID"] = req.request_id
             return answer.to_dict()
         stream = llm.query_stream(req)
         try:  # admission errors surface here, before headers
-            first = await _until_disconnect(request, lambda: next(stream, None), stream.cancel)
+            first = await until_disconnect(request, lambda: next(stream, None), stream.cancel)
         except BaseException:
             stream.close()
             raise
@@ -369,7 +339,7 @@ def create_app(config: Config, llm=None) -> FastAPI:
                 log.exception("stream %s failed", req.request_id)
                 yield _sse("error", {"error": type(e).__name__, "detail": str(e)})
 
-        return _CancellingStream(events(), on_end=stream.close, media_type="text/event-stream",
+        return CancellingStream(events(), on_end=stream.close, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-ID": req.request_id})
 
     @app.post("/v1/feedback", response_model=FeedbackOut, summary="Provide feedback on a response",
@@ -403,7 +373,7 @@ def create_app(config: Config, llm=None) -> FastAPI:
         return Response(llm_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
     _publish_config_limits(app, config)
-    from .openai_api import install as install_openai_api  # it imports this module's stream helpers
+    from .openai_api import install as install_openai_api  # it imports app-level helpers lazily: no cycle
     install_openai_api(app, config)  # /v1/chat/completions, /v1/models: the same gate, limits and loop
     return app
 

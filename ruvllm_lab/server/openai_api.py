@@ -20,9 +20,9 @@ How OpenAI's request maps onto the loop
   keeps the KV prefix warm; a client that edits or trims its history gets the session reset to
   what it sent. Without ``user``, a request with history gets a fresh session seeded from it.
 * ``max_completion_tokens`` (or ``max_tokens``), ``temperature``, ``top_p`` -> ``Constraints``.
-  ``stop`` is applied to the loop's answer here (``Constraints`` has no stop sequences): the
-  client gets the text before the first stop sequence and ``finish_reason`` "stop"; the loop
-  still generates to its own end and stores the whole answer in memory.
+  ``stop`` -> ``Constraints.stop``: generation ends at the first stop sequence, and the stored
+  answer is what the client got; the text is also cut here, so a stop string that a backend
+  emitted across token boundaries never reaches the client.
 * ``seed`` is accepted and ignored; ``n`` must be 1.
 
 What comes back besides OpenAI's fields
@@ -58,7 +58,7 @@ from ..inference.base import TextAssembler
 from ..orchestrator import MAX_SESSIONS
 from ..types import Constraints, Response, Turn
 from ..types import Request as QueryRequest
-from .app import _CancellingStream, _until_disconnect
+from .streaming import CancellingStream, until_disconnect
 from .errors import STATUS
 from .openai_types import (AUTO_MODEL, MAX_MESSAGES, AssistantOut, ChatCompletionChunkOut, ChatCompletionIn,
                            ChatCompletionOut, ChoiceOut, ChunkChoiceOut, DeltaOut, ModelListOut, ModelOut,
@@ -151,12 +151,13 @@ def _router(config: Config) -> APIRouter:
         session_id = await run_in_threadpool(sessions.bind, llm, tenant, body.user, history)
         forced = body.model if body.model != AUTO_MODEL else None
         req = QueryRequest(query=question, session_id=session_id, tenant=tenant, constraints=Constraints(
-            max_tokens=limit, temperature=body.temperature, top_p=body.top_p, model=forced))
+            max_tokens=limit, temperature=body.temperature, top_p=body.top_p, model=forced,
+            stop=body.stop_sequences or None))
         headers = {REQUEST_ID_HEADER: req.request_id, "X-Request-ID": req.request_id}
         created = int(time.time())
         if not body.stream:
             cancel = threading.Event()
-            response = await _until_disconnect(request, lambda: llm.query_with(req, cancel), cancel)
+            response = await until_disconnect(request, lambda: llm.query_with(req, cancel), cancel)
             assembler = TextAssembler(body.stop_sequences)
             assembler.feed(response.text.encode())
             text = assembler.text if assembler.stopped else response.text
@@ -167,13 +168,13 @@ def _router(config: Config) -> APIRouter:
             headers[TIER_HEADER] = forced
         stream = llm.query_stream(req)
         try:  # admission errors surface here, before headers
-            first = await _until_disconnect(request, lambda: next(stream, None), stream.cancel)
+            first = await until_disconnect(request, lambda: next(stream, None), stream.cancel)
         except BaseException:
             stream.close()
             raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _sse(stream, first, body.stop_sequences, body.model, created, include_usage)
-        return _CancellingStream(events, on_end=stream.close, media_type="text/event-stream",
+        return CancellingStream(events, on_end=stream.close, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **headers})
 
     return router
