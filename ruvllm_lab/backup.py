@@ -86,20 +86,6 @@ def _sign(key: bytes, manifest_bytes: bytes) -> str:
     return hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
 
 
-def _sqlite_copy(src: Path, dst: Path) -> None:
-    """Consistent copy of a live SQLite database into a fresh file (journal mode DELETE at rest)."""
-    if dst.exists():
-        dst.unlink()
-    source = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
-    target = sqlite3.connect(str(dst))
-    try:
-        source.backup(target)
-        target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
-    finally:
-        target.close()
-        source.close()
-
-
 def _store_info(db: Path) -> dict[str, Any]:
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -122,7 +108,7 @@ def backup(config: Config, directory: str | os.PathLike) -> Path:
     Refuses a directory that already holds a backup (``manifest.json``), so nothing is overwritten.
     """
     from . import __version__
-    from .memory.backend import dump_memory
+    from .memory.backend import dump_memory, sqlite_copy
 
     out = Path(directory)
     if (out / MANIFEST).exists():
@@ -141,7 +127,7 @@ def backup(config: Config, directory: str | os.PathLike) -> Path:
             shutil.copy2(src, out / filename)
             components[name] = filename
     if (data_dir / REQUEST_LOG).is_file():
-        _sqlite_copy(data_dir / REQUEST_LOG, out / REQUEST_LOG)
+        sqlite_copy(data_dir / REQUEST_LOG, out / REQUEST_LOG)
         components["request_log"] = REQUEST_LOG
 
     config.save(out / CONFIG_FILE)

@@ -48,6 +48,8 @@ class SystemConfig:
                                                    "outcomes/), outside the source tree; '~' is expanded")
     seed: int = _f(0, min=0)
     log_level: str = _f("info", choices=("debug", "info", "warning", "error"))
+    max_sessions: int = _f(10_000, min=1, doc="sessions kept; the least recently used are forgotten beyond this")
+    feedback_window: int = _f(10_000, min=1, doc="answered requests that feedback can still reach (request log)")
     backup_key_env: str = _f("RUVLLM_BACKUP_KEY", doc="env var holding the HMAC-SHA256 key that signs backup "
                                                       "manifests; when set, restore refuses unsigned backups")
 
@@ -84,6 +86,12 @@ class MemoryConfig:
     expansion_max_nodes: int = _f(50, min=1)
     similar_edges_k: int = _f(4, min=0, doc="'similar' edges added from a new node to its nearest neighbours")
     similar_edge_min_score: float = _f(0.35, min=-1.0, max=1.0)
+    context_edge_weight: float = _f(0.5, min=0.0, max=1.0,
+                                    doc="initial weight of 'answered_by' edges from the notes shown to an answer")
+    followup_edge_weight: float = _f(0.8, min=0.0, max=1.0,
+                                     doc="initial weight of 'followed_by' edges between a session's turns")
+    correction_edge_weight: float = _f(1.0, min=0.0, max=1.0,
+                                       doc="initial weight of the 'corrects' edge from a correction to its answer")
     edge_learning_rate: float = _f(0.2, min=0.0, max=1.0)
     edge_decay_per_day: float = _f(0.02, min=0.0, max=1.0)
     edge_prune_below: float = _f(0.02, min=0.0, max=1.0)

@@ -52,8 +52,6 @@ from .types import Feedback, Request, Response, Session, Source, Turn, Usage
 
 log = logging.getLogger(__name__)
 
-RECENT_REQUESTS = 10_000  # how many answered requests feedback can still reach
-MAX_SESSIONS = 10_000  # least recently used sessions are forgotten beyond this
 CANCEL_SETTLE_S = 5.0  # after cancelling, how long drain() waits for requests to leave (each stops within a step)
 
 
@@ -103,7 +101,7 @@ class RuvLLM:
         self.sessions: OrderedDict[tuple[str | None, str], Session] = OrderedDict()  # (tenant, id) -> session
         # Answered requests and labels live in SQLite from the moment they are acknowledged: feedback
         # works across restarts and no label is lost to a crash (records.py).
-        self.records = RequestLog(Path(config.system.data_dir) / REQUEST_LOG_FILE, keep=RECENT_REQUESTS)
+        self.records = RequestLog(Path(config.system.data_dir) / REQUEST_LOG_FILE, keep=config.system.feedback_window)
         self._lock = threading.Lock()
         self._label_lock = threading.Lock()  # a label's row and its learning-queue entry appear together
         self._slots = threading.BoundedSemaphore(config.system.max_concurrent_requests)
@@ -195,11 +193,11 @@ class RuvLLM:
         confidence = verdict.signals.get("logprob", decision.confidence)
         with self._stage("writeback", prep):
             context_ids = [s.node_id for s in prep.sources]
-            edges = [(i, "answered_by", 0.5) for i in context_ids]
+            edges = [(i, "answered_by", self.config.memory.context_edge_weight) for i in context_ids]
             if prep.session is not None and prep.session.turns:
                 prev = self.records.get(prep.session.turns[-1].request_id)
                 if prev is not None:
-                    edges.append((prev.interaction_id, "followed_by", 0.8))
+                    edges.append((prev.interaction_id, "followed_by", self.config.memory.followup_edge_weight))
             verification, trust, verified_meta = verification_of(verdict.signals, verdict.score)
             interaction_id = self.memory.add(
                 f"Q: {request.query}\nA: {gen.text.strip()}", kind="interaction", vector=prep.query_vec,
@@ -254,7 +252,7 @@ class RuvLLM:
             if session is None:
                 session = self.sessions[key] = Session(id=session_id, tenant=tenant)
             self.sessions.move_to_end(key)
-            while len(self.sessions) > MAX_SESSIONS:
+            while len(self.sessions) > self.config.system.max_sessions:
                 self.sessions.popitem(last=False)
             return session
 
@@ -271,7 +269,7 @@ class RuvLLM:
         answered = self.records.get(fb.request_id)
         if answered is None or answered.tenant != fb.tenant:  # another tenant's request is not found either
             raise RequestNotFound(f"no answered request {fb.request_id!r} (unknown, or older than the last "
-                                  f"{RECENT_REQUESTS})")
+                                  f"{self.config.system.feedback_window})")
         result: dict[str, Any] = {"request_id": fb.request_id, "recorded": True}
         score = feedback_signal(fb)
         if score is not None:
@@ -295,7 +293,8 @@ class RuvLLM:
             correction = fb.correction.strip()
             vector = self.embedder.embed_one(f"{answered.query} {correction}")
             correction_id = self.memory.add(correction, kind="correction", quality=1.0, vector=vector,
-                                            edges=[(answered.interaction_id, "corrects", 1.0)],
+                                            edges=[(answered.interaction_id, "corrects",
+                                                    self.config.memory.correction_edge_weight)],
                                             metadata={"request_id": fb.request_id, "question": answered.query,
                                                       "corrects_node": answered.interaction_id,
                                                       "tenant": answered.tenant})

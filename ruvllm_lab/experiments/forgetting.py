@@ -56,6 +56,7 @@ import pandas as pd
 from ..config import Config
 from ..workloads import FAMILIES, Phase, WorkItem, generate, phases_by_family
 from . import metrics as M
+from .progress import step_progress
 from .tracking import NullTracker, Tracker, log_experiment, mark_underpowered
 
 METHODS = ("naive", "ewc", "online-ewc", "replay", "online-ewc+replay", "full-rehearsal")
@@ -201,7 +202,7 @@ def run(config: Config, schedule: Sequence[Phase] | None = None, methods: Sequen
     eval_every = eval_every or max(1, steps_per_phase // 4)
 
     runs = [(seed, spec) for seed in seeds for spec in specs]
-    bar = _progress(len(runs), show_progress)
+    bar = step_progress(len(runs), show_progress, "forgetting runs")
     rows, matrices, timeline = [], {}, []
     for seed, spec in runs:
         rng = np.random.default_rng(seed)
@@ -320,21 +321,6 @@ def _metric_key(column: str) -> str:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
-
-
-def _progress(total: int, show: bool):
-    if not show:
-        return lambda desc: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="forgetting runs", unit="run")
-
-    def step(desc: str) -> None:
-        bar.set_postfix_str(desc)
-        bar.update(1)
-        if bar.n >= total:
-            bar.close()
-    return step
 
 
 def plot_accuracy_over_time(result: ForgettingResult):

@@ -34,10 +34,9 @@ import dataclasses
 import random
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +45,7 @@ from ..config import Config
 from ..relevance import MEMORY_EVAL_PATH, load_memory_eval
 from ..types import Constraints, Feedback, Request
 from ..workloads import WorkItem, is_correct
+from .progress import step_progress
 from .tracking import NullTracker, Tracker, log_experiment, mark_underpowered
 
 POLICIES = ("off", "all", "verified")
@@ -175,7 +175,7 @@ def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int]
     records: list[dict] = []
     total = len(seeds) * (n_seeded + n_corrected + len(policies) * (
         len(tiers) * (n_fresh + n_cross + 2 * n_seeded) + n_corrected))
-    bar = _progress(total, progress)
+    step = step_progress(total, progress, "memory ablation", unit="query")
 
     def instance(state: Path, policy: str) -> RuvLLM:
         cfg = config.with_overrides({"memory.db_path": str(state / "memory.db"), "system.data_dir": str(state),
@@ -187,7 +187,7 @@ def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int]
                         "correct": correct_any(row, response.text), "answer": response.text.strip()[:200],
                         "latency_ms": response.latency_ms.get("total", float("nan")),
                         "prompt_tokens": response.usage.prompt_tokens, "notes": len(response.sources), **extra})
-        bar(1)
+        step()
 
     try:
         for tier in dict.fromkeys(list(tiers) + [seed_tier]):  # load every model before anything is timed
@@ -199,12 +199,12 @@ def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int]
             with instance(seeded_state, "verified") as llm:
                 for row in split.seeded:
                     _ask(llm, row["question"], seed_tier, max_tokens, gold=row["answer"])
-                    bar(1)
+                    step()
                 for row in split.corrected:
                     r = _ask(llm, row["question"], tiers[0], max_tokens)
                     corrections[row["id"]] = llm.feedback(Feedback(r.request_id, correction=correction_text(row)))[
                         "correction_node"]
-                    bar(1)
+                    step()
             rotation = seed % len(policies)  # machine load drifts: no policy always runs first
             for policy in list(policies)[rotation:] + list(policies)[:rotation]:
                 state = root / f"seed{seed}" / policy
@@ -223,7 +223,6 @@ def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int]
                                correction_recalled=any(s.node_id == corrections[row["id"]] for s in r.sources))
     finally:
         pool.close()
-        bar(0, close=True)
     df = pd.DataFrame.from_records(records)
     result = MemoryAblationResult(df, summarise(df), pd.DataFrame(), params, underpowered=len(seeds) < MIN_SEEDS)
     result.criteria = criteria(result.summary, df, tiers)
@@ -320,18 +319,3 @@ def _log(tracker: Tracker, result: MemoryAblationResult) -> None:
     reasons += [f"{n} questions per seed in a case < {MIN_PER_CASE}" for n in
                 sorted({int(v) for v in result.summary.n_per_seed if v < MIN_PER_CASE})]
     mark_underpowered(tracker, reasons, "memory ablation")
-
-
-def _progress(total: int, enabled: bool) -> Callable[..., None]:
-    if not enabled:
-        return lambda n, close=False: None
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, desc="memory ablation", unit="query")
-    t0 = time.perf_counter()
-
-    def update(n: int, close: bool = False) -> None:
-        bar.update(n)
-        if close:
-            bar.close()
-            bar.write(f"memory ablation: {bar.n} queries in {time.perf_counter() - t0:.0f} s")
-    return update

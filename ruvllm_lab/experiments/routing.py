@@ -32,6 +32,7 @@ from ..workloads import FAMILIES, WorkItem, generate
 from . import routing_report as report
 from .outcomes import (SYSTEM_PROMPT, OutcomeMatrix, collect_outcomes, default_cache_dir, judge_correct,  # noqa: F401
                        make_pool)
+from .progress import step_progress
 from .routing_sim import FEEDBACK_MODES, build_inputs, is_fixed_policy, simulate, threshold_curve  # noqa: F401
 from .tracking import NullTracker, Tracker, log_experiment, mark_underpowered
 
@@ -131,7 +132,7 @@ def run(config: Config, workload: Sequence[WorkItem] | None = None, routers: Seq
     c_weak, c_strong = float(outcomes.cost[:, 0].mean()), float(outcomes.cost[:, -1].mean())
 
     runs = [(mode, seed, name) for mode in modes for seed in seeds for name in routers]
-    bar = _progress_bar(len(runs), show_progress)
+    bar = step_progress(len(runs), show_progress, "routing runs")
     per_seed, curves, decisions = [], [], []
     for mode, seed, name in runs:
         order = np.random.default_rng(seed).permutation(len(items))  # the seed's arrival order
@@ -166,21 +167,6 @@ def run(config: Config, workload: Sequence[WorkItem] | None = None, routers: Seq
                       "online_quality": report.plot_online_quality(result)}
     report.log_result(tracker, result)
     return result
-
-
-def _progress_bar(total: int, show: bool) -> Callable[[str], None]:
-    if not show:
-        return lambda desc: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc="routing runs", unit="run")
-
-    def step(desc: str) -> None:
-        bar.set_postfix_str(desc)
-        bar.update(1)
-        if bar.n >= total:
-            bar.close()
-    return step
 
 
 def main(argv: Sequence[str] | None = None) -> int:

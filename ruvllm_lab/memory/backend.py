@@ -386,7 +386,7 @@ class SqliteBackend:
         if not db.exists():
             return {"components": {}, "memory": {}}
         out.mkdir(parents=True, exist_ok=True)
-        _sqlite_copy(db, out / SQLITE_DUMP_DB)
+        sqlite_copy(db, out / SQLITE_DUMP_DB)
         components = {"memory_db": SQLITE_DUMP_DB}
         info = _sqlite_info(out / SQLITE_DUMP_DB)
         index = index_path_for(db)
@@ -404,7 +404,7 @@ class SqliteBackend:
         sidecar = Path(f"{index}.json")
         db.parent.mkdir(parents=True, exist_ok=True)
         staged = db.with_name(db.name + ".restoring")
-        _sqlite_copy(src / components["memory_db"], staged)
+        sqlite_copy(src / components["memory_db"], staged)
         for stale in (Path(f"{db}-wal"), Path(f"{db}-shm"), index, sidecar):
             stale.unlink(missing_ok=True)  # a WAL from the old store must never be replayed onto the new one
         os.replace(staged, db)
@@ -425,7 +425,7 @@ def _coalesce_adds(ops: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return out
 
 
-def _sqlite_copy(src: Path, dst: Path) -> None:
+def sqlite_copy(src: Path, dst: Path) -> None:
     """Consistent copy of a live SQLite database into a fresh file (journal mode DELETE at rest)."""
     if dst.exists():
         dst.unlink()

@@ -55,7 +55,6 @@ from starlette.datastructures import MutableHeaders
 from ..config import Config
 from ..errors import RuvLLMError, SessionNotFound
 from ..inference.base import TextAssembler
-from ..orchestrator import MAX_SESSIONS
 from ..types import Constraints, Response, Turn
 from ..types import Request as QueryRequest
 from .streaming import CancellingStream, until_disconnect
@@ -277,7 +276,7 @@ class _UserSessions:
                 with self._lock:
                     self._ids[(tenant, user)] = session.id
                     self._ids.move_to_end((tenant, user))
-                    while len(self._ids) > MAX_SESSIONS:
+                    while len(self._ids) > llm.config.system.max_sessions:
                         self._ids.popitem(last=False)
         if [(t.query, t.answer.strip()) for t in session.turns] != history:
             # The client's messages are the truth; the loop keeps no request ids for these turns.
