@@ -56,17 +56,17 @@ CANCEL_SETTLE_S = 5.0  # after cancelling, how long drain() waits for requests t
 
 
 @dataclass
-class _Prepared:
-    """Everything decided before generation starts."""
+class Prepared:
+    """Everything decided before generation starts, filled in stage by stage by ``RuvLLM.prepare``."""
     request: Request
     session: Session | None
-    query_vec: np.ndarray
-    router_input: RouterInput
-    decision: Any
-    state_in: Any
-    sources: list[Source]
-    subgraph: Subgraph
-    messages: list[dict]
+    query_vec: np.ndarray | None = None  # (D,)
+    router_input: RouterInput | None = None
+    decision: Any = None  # the router's RoutingDecision
+    state_in: Any = None  # the session's router state before this turn
+    sources: list[Source] = field(default_factory=list)  # the notes shown to the model
+    subgraph: Subgraph | None = None
+    messages: list[dict] = field(default_factory=list)
     latency_ms: dict[str, float] = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -137,24 +137,24 @@ class RuvLLM:
     def query_with(self, request: Request, cancel: threading.Event | None = None) -> Response:
         """Answer `request`.  Setting `cancel` (client gone, shutdown) stops generation at the next
         step and raises `Cancelled`; a cancelled request writes nothing back."""
-        with self._slot(request, cancel) as cancel:
-            prep = self._prepare(request)
+        with self.admit(request, cancel) as cancel:
+            prep = self.prepare(request)
             with self._stage("generate", prep):
-                gen = self.pool.generate(prep.decision.tier, prep.messages, **self._sampling(prep),
+                gen = self.pool.generate(prep.decision.tier, prep.messages, **self.sampling(prep),
                                          session_id=_kv_session(request), cancel=cancel,
                                          logprobs=self.judge.weights["logprob"] > 0)  # only the judge reads them
             if gen.finish_reason == "cancelled":
                 raise Cancelled(f"request {request.request_id} was cancelled before it finished")
-            return self._finish(prep, gen)
+            return self.finish(prep, gen)
 
     def query_stream(self, text: str | Request) -> "ResponseStream":
         """Iterate for text chunks; after exhaustion ``.response`` is the full ``Response``."""
         request = text if isinstance(text, Request) else Request(query=text)
         return ResponseStream(self, request)
 
-    def _prepare(self, request: Request) -> _Prepared:
+    def prepare(self, request: Request) -> Prepared:
         session = self._session(request.session_id, request.tenant) if request.session_id else None
-        prep = _Prepared(request, session, None, None, None, None, [], None, [])  # type: ignore[arg-type]
+        prep = Prepared(request, session)
         with self._stage("embed", prep):
             prep.query_vec = self.embedder.embed_one(request.query)
         tenant = getattr(request, "tenant", None)
@@ -178,7 +178,7 @@ class RuvLLM:
         prep.messages = self.context.messages(request.query, prep.sources, session)
         return prep
 
-    def _sampling(self, prep: _Prepared) -> dict:
+    def sampling(self, prep: Prepared) -> dict:
         c, d = prep.request.constraints, prep.decision
         return {"max_tokens": c.max_tokens or self.config.inference.max_tokens,
                 "temperature": d.temperature if c.temperature is None else c.temperature,
@@ -186,7 +186,7 @@ class RuvLLM:
                 "stop": c.stop or None,
                 "max_latency_ms": _remaining_ms(c.max_latency_ms, prep.t0)}
 
-    def _finish(self, prep: _Prepared, gen) -> Response:
+    def finish(self, prep: Prepared, gen) -> Response:
         request, decision = prep.request, prep.decision
         with self._stage("judge", prep):
             verdict = self.judge.score(request.query, gen.text, gold=request.gold_answer, logprobs=gen.logprobs)
@@ -458,7 +458,7 @@ class RuvLLM:
 
     # ---- helpers -----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _slot(self, request: Request, cancel: threading.Event | None = None):
+    def admit(self, request: Request, cancel: threading.Event | None = None):
         """Admission: one of `max_concurrent_requests` slots, and the request's cancel flag registered
         so drain() can cancel it; yields the flag."""
         if self._draining:
@@ -484,7 +484,7 @@ class RuvLLM:
             self._slots.release()
 
     @contextlib.contextmanager
-    def _stage(self, name: str, prep: _Prepared):
+    def _stage(self, name: str, prep: Prepared):
         t = time.perf_counter()
         with stage_span(name, prep.request.request_id):
             yield
@@ -542,17 +542,17 @@ class ResponseStream:
 
     def _run(self) -> Iterator[str]:
         llm = self._llm
-        with llm._slot(self.request, self.cancel):
-            prep = llm._prepare(self.request)
+        with llm.admit(self.request, self.cancel):
+            prep = llm.prepare(self.request)
             t = time.perf_counter()
-            with llm.pool.stream(prep.decision.tier, prep.messages, **llm._sampling(prep),
+            with llm.pool.stream(prep.decision.tier, prep.messages, **llm.sampling(prep),
                                  session_id=_kv_session(self.request), cancel=self.cancel,
                                  logprobs=llm.judge.weights["logprob"] > 0) as stream:
                 yield from stream
             prep.latency_ms["generate"] = (time.perf_counter() - t) * 1000
             if stream.result.finish_reason == "cancelled":
                 raise Cancelled(f"request {self.request.request_id} was cancelled before it finished")
-            self.response = llm._finish(prep, stream.result)
+            self.response = llm.finish(prep, stream.result)
 
 
 def _kv_session(request: Request) -> str | None:
