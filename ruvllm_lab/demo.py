@@ -140,7 +140,9 @@ def pipeline_demo(config: Config) -> dict:
         if wrong is None:
             print(f"\nno wrong answer in {len(report['asked']) + len(report['probes'])} questions: nothing to correct")
         else:
-            fix = fact.fact if fact else f"The answer to {wrong.question!r} is {wrong.expected}."
+            # Stated as the answer alone: the correction is stored with its question, and a small model
+            # shown a quoted question echoes it instead of answering.
+            fix = fact.fact if fact else f"The correct answer is {wrong.expected}."
             out = llm.feedback(Feedback(wrong.response.request_id, rating=1, correction=fix))
             print(f"\ncorrect the wrong answer {wrong.answer.strip()!r} to {wrong.question!r} with {fix!r} ->", out)
             report["corrected"] = wrong
