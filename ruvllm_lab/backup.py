@@ -86,22 +86,6 @@ def _sign(key: bytes, manifest_bytes: bytes) -> str:
     return hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
 
 
-def _store_info(db: Path) -> dict[str, Any]:
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    except sqlite3.Error as e:
-        raise MemoryStoreError(f"{db.name} is not a readable memory store: {e}") from e
-    try:
-        dim = conn.execute("SELECT value FROM meta WHERE key='dimension'").fetchone()
-        nodes = conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
-        edges = conn.execute("SELECT COUNT(*) FROM edges").fetchone()[0]
-    except sqlite3.DatabaseError as e:
-        raise MemoryStoreError(f"{db.name} is not a readable memory store: {e}") from e
-    finally:
-        conn.close()
-    return {"dimension": int(dim[0]) if dim else None, "nodes": int(nodes), "edges": int(edges)}
-
-
 def backup(config: Config, directory: str | os.PathLike) -> Path:
     """Copy the memory, learned state, request log and config into `directory`; returns it.
 
@@ -245,7 +229,7 @@ def restore(config: Config, directory: str | os.PathLike) -> dict[str, Any]:
     Everything is verified on a staged copy first (see the module docstring); DimensionMismatch when the
     backup's store was made with another ``embedding.dimension``.  Returns the manifest.
     """
-    from .memory.backend import dump_backend, restore_memory
+    from .memory.backend import dump_backend, restore_memory, sqlite_store_info
 
     src = Path(directory)
     manifest = read_manifest(src, config)
@@ -260,7 +244,7 @@ def restore(config: Config, directory: str | os.PathLike) -> dict[str, Any]:
             _copy_checked(src, filename, staging / filename, info["sha256"])
         kind = dump_backend(components)
         if kind == "sqlite":
-            dim = _store_info(staging / components["memory_db"])["dimension"]
+            dim = sqlite_store_info(staging / components["memory_db"])["dimension"]
             if dim is not None and dim != config.embedding.dimension:
                 raise DimensionMismatch(f"backup {src} holds a memory store of dimension {dim}, but the configured "
                                         f"embedding.dimension is {config.embedding.dimension}; nothing was restored")

@@ -388,7 +388,7 @@ class SqliteBackend:
         out.mkdir(parents=True, exist_ok=True)
         sqlite_copy(db, out / SQLITE_DUMP_DB)
         components = {"memory_db": SQLITE_DUMP_DB}
-        info = _sqlite_info(out / SQLITE_DUMP_DB)
+        info = sqlite_store_info(out / SQLITE_DUMP_DB)
         index = index_path_for(db)
         sidecar = Path(f"{index}.json")
         if index.exists() and sidecar.exists():
@@ -439,14 +439,18 @@ def sqlite_copy(src: Path, dst: Path) -> None:
         source.close()
 
 
-def _sqlite_info(db: Path) -> dict[str, Any]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+def sqlite_store_info(db: Path) -> dict[str, Any]:
+    """Dimension, node and edge counts of a SQLite memory file, read-only (dumps and restores check it)."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise MemoryStoreError(f"{db.name} is not a readable memory store: {e}") from e
     try:
         dim = conn.execute("SELECT value FROM meta WHERE key='dimension'").fetchone()
         nodes = conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
         edges = conn.execute("SELECT COUNT(*) FROM edges").fetchone()[0]
     except sqlite3.DatabaseError as e:
-        raise MemoryStoreError(f"{db} is not a readable memory store: {e}") from e
+        raise MemoryStoreError(f"{db.name} is not a readable memory store: {e}") from e
     finally:
         conn.close()
     return {"dimension": int(dim[0]) if dim else None, "nodes": int(nodes), "edges": int(edges)}

@@ -54,7 +54,7 @@ from ..types import Constraints, Feedback
 from ..types import Request as QueryRequest
 from .errors import error_response, install_error_handlers
 from .ratelimit import RateLimiter
-from .streaming import CancellingStream, until_disconnect
+from .streaming import CancellingStream, answer, open_stream
 from .types import (MAX_TOKENS_CEILING, ErrorOut, FeedbackIn, FeedbackOut, HealthOut, LivenessOut, QueryIn, QueryOut,
                     SessionOut)
 
@@ -315,16 +315,10 @@ def create_app(config: Config, llm=None) -> FastAPI:
                            constraints=Constraints(**body.constraints.model_dump()))
         llm = llm_of(request)
         if not body.stream:
-            cancel = threading.Event()
-            answer = await until_disconnect(request, lambda: llm.query_with(req, cancel), cancel)
+            answered = await answer(request, llm, req)
             response.headers["X-Request-ID"] = req.request_id
-            return answer.to_dict()
-        stream = llm.query_stream(req)
-        try:  # admission errors surface here, before headers
-            first = await until_disconnect(request, lambda: next(stream, None), stream.cancel)
-        except BaseException:
-            stream.close()
-            raise
+            return answered.to_dict()
+        stream, first = await open_stream(request, llm, req)
 
         async def events():
             chunk = first

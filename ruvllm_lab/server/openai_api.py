@@ -57,7 +57,7 @@ from ..errors import RuvLLMError, SessionNotFound
 from ..inference.base import TextAssembler
 from ..types import Constraints, Response, Turn
 from ..types import Request as QueryRequest
-from .streaming import CancellingStream, until_disconnect
+from .streaming import CancellingStream, answer, open_stream
 from .errors import STATUS
 from .openai_types import (AUTO_MODEL, MAX_MESSAGES, AssistantOut, ChatCompletionChunkOut, ChatCompletionIn,
                            ChatCompletionOut, ChoiceOut, ChunkChoiceOut, DeltaOut, ModelListOut, ModelOut,
@@ -155,8 +155,7 @@ def _router(config: Config) -> APIRouter:
         headers = {REQUEST_ID_HEADER: req.request_id, "X-Request-ID": req.request_id}
         created = int(time.time())
         if not body.stream:
-            cancel = threading.Event()
-            response = await until_disconnect(request, lambda: llm.query_with(req, cancel), cancel)
+            response = await answer(request, llm, req)
             assembler = TextAssembler(body.stop_sequences)
             assembler.feed(response.text.encode())
             text = assembler.text if assembler.stopped else response.text
@@ -165,12 +164,7 @@ def _router(config: Config) -> APIRouter:
             return JSONResponse(out.model_dump(), headers=headers)
         if forced is not None:
             headers[TIER_HEADER] = forced
-        stream = llm.query_stream(req)
-        try:  # admission errors surface here, before headers
-            first = await until_disconnect(request, lambda: next(stream, None), stream.cancel)
-        except BaseException:
-            stream.close()
-            raise
+        stream, first = await open_stream(request, llm, req)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _sse(stream, first, body.stop_sequences, body.model, created, include_usage)
         return CancellingStream(events, on_end=stream.close, media_type="text/event-stream",

@@ -25,6 +25,23 @@ async def until_disconnect(request: Request, fn, cancel: threading.Event):
         watcher.cancel()
 
 
+async def answer(request: Request, llm, query):
+    """``llm.query_with(query)`` in a worker thread, cancelled if the client disconnects meanwhile."""
+    cancel = threading.Event()
+    return await until_disconnect(request, lambda: llm.query_with(query, cancel), cancel)
+
+
+async def open_stream(request: Request, llm, query):
+    """``(stream, first chunk)``: admission errors surface here, before any header is sent; the stream
+    is closed if getting its first chunk fails or the client leaves."""
+    stream = llm.query_stream(query)
+    try:
+        return stream, await until_disconnect(request, lambda: next(stream, None), stream.cancel)
+    except BaseException:
+        stream.close()
+        raise
+
+
 class CancellingStream(StreamingResponse):
     """A streaming response that calls `on_end` however it ends: finished, failed, or the client gone."""
 
