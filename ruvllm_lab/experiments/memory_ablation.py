@@ -30,7 +30,6 @@ query.  ``criteria`` checks the issue's targets against that table.
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import shutil
 import tempfile
@@ -55,19 +54,14 @@ MIN_PER_CASE = 4  # questions per seed in a case below which its per-seed accura
 
 
 def work_item(row: dict[str, Any]) -> WorkItem:
-    """A memory_eval row as a WorkItem (aliases when the matcher knows them)."""
-    fields = {f.name for f in dataclasses.fields(WorkItem)}
-    extra = {"aliases": tuple(row.get("aliases", ()))} if "aliases" in fields else {}
+    """A memory_eval row as a WorkItem; the matcher accepts its aliases too."""
     return WorkItem(query=row["question"], answer=row["answer"], family=row["family"], difficulty=1,
-                    match=row["match"], **extra)
+                    match=row["match"], aliases=tuple(row.get("aliases", ())))
 
 
 def correct_any(row: dict[str, Any], answer: str) -> bool:
-    """Strict match against the gold answer or any alias."""
-    item = work_item(row)
-    if is_correct(item, answer):
-        return True
-    return any(is_correct(dataclasses.replace(item, answer=alias), answer) for alias in row.get("aliases", ()))
+    """Strict match against the gold answer or any alias (``workloads.is_correct``)."""
+    return is_correct(work_item(row), answer)
 
 
 def correction_text(row: dict[str, Any]) -> str:
