@@ -118,8 +118,10 @@ def raw_llama_rates(tier: str, n_threads: int, batches=RAW_BATCHES, steps: int =
 
 def raw_allowed_qps(clients: int, prompt_tokens: float, completion_tokens: float, rates: dict) -> float:
     """Requests/s raw llama.cpp could serve for `clients` at once with these token counts: every prompt
-    prefilled in full (no prefix cache) at prefill_tps, then completion_tokens steps of a batch of
-    `clients` at decode_tps[clients] (the nearest measured batch size at or below it)."""
+    token given prefilled at prefill_tps, then completion_tokens steps of a batch of `clients` at
+    decode_tps[clients] (the nearest measured batch size at or below it).  Prefill is compute-bound
+    and does not get cheaper per token in a batch, so the ratio between levels is bounded by how much
+    of a request is decode."""
     b = max(k for k in rates["decode_tps"] if k <= clients)
     seconds = clients * prompt_tokens / rates["prefill_tps"] + clients * completion_tokens / rates["decode_tps"][b]
     return clients / seconds
@@ -153,7 +155,8 @@ def run_level(llm, queries: list[str], concurrency: int, max_tokens: int) -> dic
             return {"query": q, "rejected": True}
         return {"query": q, "rejected": False, "e2e_ms": (time.perf_counter() - t0) * 1e3,
                 "latency_ms": r.latency_ms, "tier": r.routing_info.get("tier"),
-                "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens}
+                "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
+                "prompt_tokens_evaluated": r.usage.prompt_tokens_evaluated}
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as ex:
@@ -172,6 +175,7 @@ def run_level(llm, queries: list[str], concurrency: int, max_tokens: int) -> dic
         "stage_p50_ms": {s: pct([r["latency_ms"].get(s, 0.0) for r in ok], 50) for s in STAGES},
         "mean_completion_tokens": float(np.mean([r["completion_tokens"] for r in ok])),
         "mean_prompt_tokens": float(np.mean([r["prompt_tokens"] for r in ok])),
+        "mean_prompt_tokens_evaluated": float(np.mean([r["prompt_tokens_evaluated"] for r in ok])),
         "tiers": sorted({r["tier"] for r in ok}),
         "requests_detail": rows,
     }
@@ -238,10 +242,15 @@ def markdown(report: dict) -> str:
               "| vs B=1 | " + " | ".join(f"{v / raw['decode_tps'][1]:.2f}x" for v in raw["decode_tps"].values()) + " |",
               "", "Raw-allowed QPS for a level = requests/s raw llama.cpp serves with the level's mean token counts: "
               "every prompt prefilled in full (no prefix cache), then the completion decoded in a batch of as many "
-              "sequences as clients.", "",
-              "| clients | pipeline QPS | raw-allowed QPS | pipeline / raw |", "|---|---|---|---|"]
+              "sequences as clients.  The last two columns prefill only the prompt tokens the pipeline really "
+              "evaluated (mean per request; the rest came from a cached system-prompt prefix): that is the ceiling "
+              "for the pipeline on this machine.", "",
+              "| clients | pipeline QPS | raw-allowed QPS | pipeline / raw | evaluated prompt tokens | "
+              "raw-allowed QPS with the same reuse | pipeline / that |", "|---|---|---|---|---|---|---|"]
     for r in report["levels"]:
-        lines.append(f"| {r['concurrency']} | {r['qps']:.2f} | {r['raw_allowed_qps']:.2f} | {100 * r['qps_over_raw']:.0f} % |")
+        lines.append(f"| {r['concurrency']} | {r['qps']:.2f} | {r['raw_allowed_qps']:.2f} | {100 * r['qps_over_raw']:.0f} % "
+                     f"| {r['mean_prompt_tokens_evaluated']:.1f} | {r['raw_allowed_qps_reused']:.2f} "
+                     f"| {100 * r['qps'] / r['raw_allowed_qps_reused']:.0f} % |")
     for tier, b in report.get("batching", {}).items():
         lines += ["", f"Scheduler of {tier} over the whole run: {b['steps']} decode steps, {b['mean_sequences']:.2f} "
                   f"sequences and {b['mean_tokens']:.1f} tokens per step on average, at most {b['peak_sequences']} "
@@ -278,7 +287,10 @@ def issue_targets(report: dict) -> list[tuple[str, str, str]]:
                  "pass" if all(b >= a for a, b in zip(qps, qps[1:])) else "miss"))
     if 1 in by and 8 in by:
         ratio = by[8]["qps"] / by[1]["qps"]
-        rows.append(("QPS at 8 clients >= 1.5x QPS at 1", f"{ratio:.2f}x", verdict(ratio, 1.5, below=False)))
+        ceiling = by[8]["raw_allowed_qps_reused"] / by[1]["raw_allowed_qps_reused"]
+        rows.append(("QPS at 8 clients >= 1.5x QPS at 1",
+                     f"{ratio:.2f}x (raw llama.cpp allows {ceiling:.2f}x for these token counts)",
+                     verdict(ratio, 1.5, below=False)))
     if 1 in by:
         rows.append(("P50 at 1 client <= 300 ms", f"{by[1]['p50_ms']:.0f} ms", verdict(by[1]["p50_ms"], 300.0001)))
         rows.append(("P99 at 1 client <= 1 s", f"{by[1]['p99_ms']:.0f} ms", verdict(by[1]["p99_ms"], 1000.0001)))
@@ -352,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r["raw_allowed_qps"] = raw_allowed_qps(r["concurrency"], r["mean_prompt_tokens"], r["mean_completion_tokens"], raw)
         r["qps_over_raw"] = r["qps"] / r["raw_allowed_qps"]
+        # The same bound when only the prompt tokens the pipeline really evaluated are prefilled
+        # (the rest came from a slot's cached system-prompt prefix): the physical ceiling for its QPS.
+        r["raw_allowed_qps_reused"] = raw_allowed_qps(r["concurrency"], r["mean_prompt_tokens_evaluated"],
+                                                      r["mean_completion_tokens"], raw)
 
     report = {
         "meta": {**started, "git_commit": git_commit(), "command": " ".join(["python benches/pipeline.py", *argv])},

@@ -110,6 +110,17 @@ class RouterConfig:
     confidence_threshold: float = _f(0.6, min=0.0, max=1.0,
                                      doc="FastGRNN serves the cheapest tier i with P(cheapest adequate tier <= i) "
                                          ">= this; others fall back below it")
+    tier_heads: str = _f("cumulative", choices=("cumulative", "independent"),
+                         doc="FastGRNN tier heads (router.model): cumulative = C_i = P(cheapest adequate tier <= i), "
+                             "monotone, a failure at t also counts against every cheaper tier; independent = "
+                             "C_i = P(tier i adequate), one head per tier, each learning only from its own tier's "
+                             "outcomes (for ladders where a cheaper tier can beat a larger one)")
+    decision_rule: str = _f("threshold", choices=("threshold", "utility"),
+                            doc="FastGRNN's serving rule (router.base.ordinal_choice): threshold = cheapest tier with "
+                                "C_i >= confidence_threshold, else the fallback; utility = argmax_i C_i - "
+                                "cost_penalty * relative cost_i")
+    cost_penalty: float = _f(0.2, min=0.0, doc="utility rule: adequacy probability one largest-tier cost is worth "
+                                               "(the price of cost in quality; choose it on a validation workload)")
     fallback: str = _f("largest", choices=("largest", "smallest", "default"),
                        doc="tier used when router confidence is below the threshold")
     default_tier: str = _f("")
@@ -162,6 +173,13 @@ class RetrievalConfig:
 class PromptConfig:
     system_prompt: str = _f("You are a helpful assistant. Answer the question briefly and accurately.")
     notes_header: str = _f("Notes from memory (use a note only if it answers this exact question):")
+    # The two layouts below were chosen on the calibration split of data/memory_eval.jsonl (the
+    # memory ablation reports the eval split): the smallest tier copies a verified answer far more
+    # often when the note names the question it answered and the prompt ends in "Answer:".
+    answer_note: str = _f("- {provenance}: Q: {question} A: {answer}",
+                          doc="how an earlier answer is shown; fields {provenance}, {question}, {answer}")
+    question_with_notes: str = _f("Question: {query}\nAnswer:",
+                                  doc="the question after the notes; field {query}")
     history_turns: int = _f(4, min=0, doc="session turns replayed into the prompt")
 
 
@@ -221,6 +239,9 @@ class LearningConfig:
                                  "phase 2); the steps before are dense (phase 1); every update ends at router.sparsity")
     explore_rate: float = _f(0.1, min=0.0, max=0.5,
                              doc="chance of routing one tier cheaper than the policy's pick (the propensity is logged)")
+    explore_tiers: str = _f("next_cheaper", choices=("next_cheaper", "cheaper"),
+                            doc="where exploration routes: the next cheaper tier, or any cheaper tier uniformly "
+                                "(needed when a cheaper tier can beat the next one, e.g. a weak middle tier)")
     offpolicy_window: int = _f(2000, min=1, doc="logged decisions kept for the inverse-propensity estimate")
     shadow_rate: float = _f(0.1, min=0.0, max=1.0,
                             doc="share of judged interactions the idle learner re-answers with a neighbouring tier")
@@ -436,6 +457,13 @@ class Config:
             tier = getattr(getattr(self, section), name)
             if tier:
                 problems.extend(_tier_problems(key, tier))
+        for key, fields in (("answer_note", {"provenance": "", "question": "", "answer": ""}),
+                            ("question_with_notes", {"query": ""})):
+            try:
+                getattr(self.prompt, key).format(**fields)
+            except (KeyError, IndexError, ValueError) as e:
+                problems.append(f"prompt.{key}: a format string with the fields {{{'}, {'.join(fields)}}} only "
+                                f"({type(e).__name__}: {e})")
         if self.compression.k_min > self.compression.k_max:
             problems.append(f"compression.k_min ({self.compression.k_min}) > compression.k_max ({self.compression.k_max})")
         if self.inference.max_loaded_models > max(1, len(self.inference.models)):

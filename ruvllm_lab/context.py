@@ -197,13 +197,13 @@ def calibrate_threshold(related: np.ndarray, unrelated: np.ndarray, max_false_po
             "unrelated_p99": float(np.quantile(unrelated, 0.99))}
 
 
-def _render_note(source: Source) -> str:
-    """One line per note.  An earlier answer is shown without its question: the gate admitted it as
-    an answer to this very question, and a small model shown "Q: ... A: ..." echoes the question
-    instead of answering (measured in the memory ablation)."""
+def _render_note(source: Source, prompt: PromptConfig) -> str:
+    """One line per note.  An earlier answer is shown with the question it answered
+    (``prompt.answer_note``); other notes as their text."""
     if source.kind == "interaction" and source.text.startswith("Q: ") and "\nA: " in source.text:
-        answer = source.text.split("\nA: ", 1)[1]
-        return f"- {source.provenance} (to this question): {' '.join(answer.split())}"
+        question, answer = source.text[3:].split("\nA: ", 1)
+        return prompt.answer_note.format(provenance=source.provenance, question=" ".join(question.split()),
+                                         answer=" ".join(answer.split()))
     return f"- {source.provenance}: {' '.join(source.text.split())}"
 
 
@@ -314,8 +314,8 @@ class ContextBuilder:
         for turn in history:
             messages += [{"role": "user", "content": turn.prompt or turn.query},
                          {"role": "assistant", "content": turn.answer}]
-        notes = [_render_note(s) for s in sources]
-        content = query if not notes else (
-            self.prompt.notes_header + "\n" + "\n".join(notes) + f"\n\nQuestion: {query}")
+        notes = [_render_note(s, self.prompt) for s in sources]
+        content = query if not notes else (self.prompt.notes_header + "\n" + "\n".join(notes) + "\n\n"
+                                           + self.prompt.question_with_notes.format(query=query))
         messages.append({"role": "user", "content": content})
         return messages

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from ruvllm_lab.config import Config, RetrievalConfig
-from ruvllm_lab.context import (calibrate_threshold, key_terms_agree, note_question, proper_nouns, provenance,
-                                trusted, verification_of)
+from ruvllm_lab.context import (ContextBuilder, calibrate_threshold, key_terms_agree, note_question, proper_nouns,
+                                provenance, trusted, verification_of)
+from ruvllm_lab.errors import ConfigError
+from ruvllm_lab.types import Source
 from ruvllm_lab.relevance import gate_scores, load_memory_eval, question_pairs
 
 
@@ -119,3 +121,27 @@ def test_every_shipped_paraphrase_agrees_with_its_question():
     misses = [(r["question"], p) for r in load_memory_eval() for p in r["paraphrases"]
               if not key_terms_agree(r["question"], p)]
     assert len(misses) <= 0.1 * 2 * len(load_memory_eval()), misses
+
+
+def test_prompt_shows_an_earlier_answer_with_its_question_and_asks_for_the_answer():
+    cfg = Config.from_dict({})
+    builder = ContextBuilder(cfg.retrieval, cfg.prompt, memory=None, attention=None, count_tokens=len, dimension=4)
+    note = Source(1, "Q: What is the capital of Greece?\nA: The capital of Greece is\n Athens.", 0.9,
+                  provenance="Earlier answer, rated 5/5 by a user")
+    correction = Source(2, "The correct answer is Athens.", 0.9, kind="correction", provenance="Correction from a user")
+    user = builder.messages("Which city is the capital of Greece?", [correction, note], session=None)[-1]["content"]
+    assert user.splitlines() == [
+        cfg.prompt.notes_header,
+        "- Correction from a user: The correct answer is Athens.",
+        "- Earlier answer, rated 5/5 by a user: Q: What is the capital of Greece? A: The capital of Greece is Athens.",
+        "", "Question: Which city is the capital of Greece?", "Answer:"]
+    # no notes: the question alone, exactly as without memory
+    assert builder.messages("Which city is the capital of Greece?", [], None)[-1]["content"] == \
+        "Which city is the capital of Greece?"
+
+
+@pytest.mark.parametrize("key, value", [("prompt.answer_note", "- {prov}: {answer}"),
+                                        ("prompt.question_with_notes", "Q: {question}")])
+def test_prompt_layouts_with_unknown_fields_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key):
+        Config.from_dict({}, [f"{key}={value}"])

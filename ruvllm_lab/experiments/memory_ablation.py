@@ -10,7 +10,8 @@ each ``retrieval.note_policy``:
 * ``verified``  — corrections and answers verified by a gold check or a rating only (default).
 
 Per seed the eval items are shuffled and split into disjoint sets; one *seeding* phase, shared
-by all policies (the store is copied), then every policy replays the same phases:
+by all policies (the store is copied), then every policy replays the same phases, the policies
+taking turns question by question so that latencies are measured under the same machine load:
 
 1. seeding: ``seed_tier`` (default the largest) answers the ``seeded`` questions with their gold
    answer given to the judge (so those answers are *verified*, right or wrong); the smallest tier
@@ -33,6 +34,7 @@ from __future__ import annotations
 import random
 import shutil
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -199,19 +201,27 @@ def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int]
                     corrections[row["id"]] = llm.feedback(Feedback(r.request_id, correction=correction_text(row)))[
                         "correction_node"]
                     step()
-            rotation = seed % len(policies)  # machine load drifts: no policy always runs first
-            for policy in list(policies)[rotation:] + list(policies)[:rotation]:
-                state = root / f"seed{seed}" / policy
-                shutil.copytree(seeded_state, state)
-                with instance(state, policy) as llm:
-                    for tier in tiers:
-                        for case, questions in (("fresh", [(r, r["question"]) for r in split.fresh[tier]]),
-                                                ("cross", [(r, r["question"]) for r in split.cross]),
-                                                ("repeat", [(r, r["question"]) for r in split.seeded]),
-                                                ("paraphrase", [(r, r["paraphrases"][seed % 2]) for r in split.seeded])):
-                            for row, text in questions:
+            # Every policy replays the same questions in the same order on its own copy of the
+            # seeded store; the policies take turns question by question (in a rotated order), so
+            # a drift in machine load reaches all of them alike and latencies compare pairwise.
+            rotation = seed % len(policies)
+            order = list(policies)[rotation:] + list(policies)[:rotation]
+            with ExitStack() as stack:
+                llms = {}
+                for policy in order:
+                    state = root / f"seed{seed}" / policy
+                    shutil.copytree(seeded_state, state)
+                    llms[policy] = stack.enter_context(instance(state, policy))
+                for tier in tiers:
+                    for case, questions in (("fresh", [(r, r["question"]) for r in split.fresh[tier]]),
+                                            ("cross", [(r, r["question"]) for r in split.cross]),
+                                            ("repeat", [(r, r["question"]) for r in split.seeded]),
+                                            ("paraphrase", [(r, r["paraphrases"][seed % 2]) for r in split.seeded])):
+                        for row, text in questions:
+                            for policy, llm in llms.items():
                                 record(seed, policy, tier, case, row, _ask(llm, text, tier, max_tokens))
-                    for row in split.corrected:
+                for row in split.corrected:
+                    for policy, llm in llms.items():
                         r = _ask(llm, row["paraphrases"][seed % 2], tiers[0], max_tokens)
                         record(seed, policy, tiers[0], "corrected", row, r,
                                correction_recalled=any(s.node_id == corrections[row["id"]] for s in r.sources))
