@@ -19,7 +19,8 @@ $(STAMP):
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	@# llama-cpp-python compiles from source (~6 min on 2 cores); pip's wheel cache keeps it for next time.
 	$(PY) -m pip install -c constraints.txt -e '.[dev]'
-	$(PY) -m ipykernel install --user --name ruvllm-lab --display-name "RuvLLM lab (.venv)" >/dev/null
+	@# into the venv, not ~/.local: every clone gets its own kernel, and a venv prefers its own (jupyter_core)
+	$(PY) -m ipykernel install --sys-prefix --name ruvllm-lab --display-name "RuvLLM lab (.venv)" >/dev/null
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
