@@ -50,6 +50,9 @@ class SystemConfig:
     log_level: str = _f("info", choices=("debug", "info", "warning", "error"))
     max_sessions: int = _f(10_000, min=1, doc="sessions kept; the least recently used are forgotten beyond this")
     feedback_window: int = _f(10_000, min=1, doc="answered requests that feedback can still reach (request log)")
+    request_log_cache_kb: int = _f(256, min=16, doc="SQLite page cache of the request log (KiB): it is appended to and "
+                                                    "read back by request id, so a small cache suffices; the OS caches "
+                                                    "the file")
     backup_key_env: str = _f("RUVLLM_BACKUP_KEY", doc="env var holding the HMAC-SHA256 key that signs backup "
                                                       "manifests; when set, restore refuses unsigned backups")
 
@@ -64,8 +67,13 @@ class EmbeddingConfig:
     projection: str = _f("orthogonal", choices=("orthogonal", "pca"),
                          doc="how a backend vector is mapped to `dimension` when sizes differ")
     cache_size: int = _f(10_000, min=0)
-    threads: int = _f(1, min=0, doc="torch intra-op threads of the MiniLM encoder (process-wide); 1 leaves the other "
-                                    "cores to llama.cpp's decode steps, which run at the same time; 0 = torch default")
+    threads: int = _f(1, min=0, doc="intra-op threads of the MiniLM encoder (onnx: per session; torch: process-wide); 1 "
+                                    "leaves the other cores to llama.cpp's decode steps, which run at the same time; "
+                                    "0 = the runtime's default")
+    runtime: str = _f("onnx", choices=("onnx", "torch"),
+                      doc="MiniLM runtime: 'onnx' = the same weights exported once to ONNX and run by onnxruntime with "
+                          "the fast tokenizer (equal vectors, ~3x less per query; benches/embedding.py), 'torch' = "
+                          "sentence-transformers")
 
 
 @dataclass
@@ -95,6 +103,8 @@ class MemoryConfig:
     edge_learning_rate: float = _f(0.2, min=0.0, max=1.0)
     edge_decay_per_day: float = _f(0.02, min=0.0, max=1.0)
     edge_prune_below: float = _f(0.02, min=0.0, max=1.0)
+    sqlite_cache_kb: int = _f(2000, min=16, doc="SQLite page cache of the memory store (KiB; 2000 is SQLite's own "
+                                                "default): resident memory that fills as the store is read, then stays")
     writeback_batch_size: int = _f(64, min=1)
     writeback_interval_ms: int = _f(200, min=1)
 
@@ -108,8 +118,8 @@ class RouterConfig:
     u_rank: int = _f(0, min=0, doc="0 = full rank")
     sparsity: float = _f(0.95, min=0.0, max=0.999, doc="fraction of zeros after hard thresholding")
     confidence_threshold: float = _f(0.6, min=0.0, max=1.0,
-                                     doc="FastGRNN serves the cheapest tier i with P(cheapest adequate tier <= i) "
-                                         ">= this; others fall back below it")
+                                     doc="decision_rule = threshold: FastGRNN serves the cheapest tier i with "
+                                         "P(cheapest adequate tier <= i) >= this; others fall back below it")
     tier_heads: str = _f("cumulative", choices=("cumulative", "independent"),
                          doc="FastGRNN tier heads (router.model): cumulative = C_i = P(cheapest adequate tier <= i), "
                              "monotone, a failure at t also counts against every cheaper tier; independent = "
@@ -200,9 +210,15 @@ class InferenceConfig:
     top_p: float = _f(0.9, min=0.0, max=1.0)
     on_context_overflow: str = _f("truncate", choices=("truncate", "error"))
     kv_cache_sessions: int = _f(8, min=0, doc="session prefix states kept per model (LRU)")
+    prefix_reuse: bool = _f(True, doc="llama.cpp: a request reuses the KV of the longest prompt prefix its slot "
+                                      "holds.  false: every prompt is evaluated in full, so a greedy answer does "
+                                      "not depend on what was asked before (the evaluated chunk's length changes "
+                                      "llama.cpp's float rounding: 4 of 200 identical prompts answered differently "
+                                      "in the memory ablation); experiments that compare arms turn it off")
     max_batch_sequences: int = _f(16, min=1, max=256,
-                                  doc="llama.cpp: concurrent requests decoded together per model (one sequence each, "
-                                      "max_context KV cells each); more wait for a free sequence")
+                                  doc="llama.cpp and transformers: concurrent requests decoded together per model "
+                                      "(one sequence / batch row each, up to max_context KV cells each); more wait "
+                                      "for a free one")
     batch_tokens: int = _f(512, min=1, doc="llama.cpp: tokens per decode step (one per decoding sequence, the rest "
                                            "prompt chunks of joining requests)")
 
@@ -216,6 +232,14 @@ class LearningConfig:
     replay_ratio: float = _f(0.5, min=0.0, max=1.0, doc="share of each training batch drawn from the replay buffer; 0 = naive fine-tuning")
     training_interval_ms: int = _f(300_000, min=100)
     min_examples: int = _f(16, min=1)
+    max_pending: int = _f(512, min=1, doc="a cycle starts early once this many answered interactions wait for it "
+                                          "(else every training_interval_ms): the learning queue stays bounded at "
+                                          "any request rate")
+    recent_interactions: int = _f(256, min=1, doc="answered interactions kept in memory (besides those waiting for "
+                                                   "the next cycle) so late feedback merges with the answer's own "
+                                                   "evidence and router state; feedback on older answers is rebuilt "
+                                                   "from the durable request log (records.py) without the router's "
+                                                   "hidden state")
     batch_size: int = _f(32, min=1)
     steps_per_cycle: int = _f(50, min=1)
     learning_rate: float = _f(0.01, min=0.0)
@@ -238,7 +262,8 @@ class LearningConfig:
                              doc="share of each router update's steps that hard-threshold after every step (EdgeML "
                                  "phase 2); the steps before are dense (phase 1); every update ends at router.sparsity")
     explore_rate: float = _f(0.1, min=0.0, max=0.5,
-                             doc="chance of routing one tier cheaper than the policy's pick (the propensity is logged)")
+                             doc="chance of routing cheaper than the policy's pick (learning.explore_tiers says where; "
+                                 "the propensity is logged)")
     explore_tiers: str = _f("next_cheaper", choices=("next_cheaper", "cheaper"),
                             doc="where exploration routes: the next cheaper tier, or any cheaper tier uniformly "
                                 "(needed when a cheaper tier can beat the next one, e.g. a weak middle tier)")

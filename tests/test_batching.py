@@ -131,3 +131,31 @@ def test_closing_the_pool_ends_open_streams_cleanly():
     for _ in stream:  # whatever was decoded before the cancel may still arrive
         pass
     assert stream.result is not None and stream.result.finish_reason == "cancelled"
+
+
+def test_without_prefix_reuse_an_answer_does_not_depend_on_what_was_asked_before():
+    """prefix_reuse = false (the memory ablation's setting): every prompt is evaluated in full, so
+    the same prompt gives bit-identical log-probs whichever prompt its sequence held before."""
+    cfg = InferenceConfig(models=[SMALL], max_context=512, max_batch_sequences=1, max_tokens=12, prefix_reuse=False)
+    p = InferencePool(cfg, SystemConfig(max_memory_mb=1024))
+    try:
+        target = "What is the capital of Morocco?"
+        runs = []
+        for before in ("What is the capital of Mongolia?", "Name three colors.", None):
+            if before:
+                greedy(p, before, max_tokens=4)
+            runs.append(greedy(p, target, max_tokens=12))
+        for r in runs:
+            assert r.prompt_tokens_evaluated == r.prompt_tokens  # nothing reused
+            assert (r.text, r.logprobs) == (runs[0].text, runs[0].logprobs)  # exact, not approximate
+    finally:
+        p.close()
+    # the default reuses the shared prefix (the system prompt and "What is the capital of")
+    reuse_cfg = InferenceConfig(models=[SMALL], max_context=512, max_batch_sequences=1, max_tokens=4)
+    p = InferencePool(reuse_cfg, SystemConfig(max_memory_mb=1024))
+    try:
+        greedy(p, "What is the capital of Mongolia?", max_tokens=4)
+        again = greedy(p, target, max_tokens=4)
+        assert again.prompt_tokens_evaluated < again.prompt_tokens
+    finally:
+        p.close()

@@ -161,7 +161,11 @@ def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int]
     params = {"tiers": tiers, "seeds": list(seeds), "n_seeds": len(seeds), "n_seeded": n_seeded, "n_fresh": n_fresh,
               "n_cross": n_cross, "n_corrected": n_corrected, "policies": list(policies), "seed_tier": seed_tier,
               "max_tokens": max_tokens, "data_path": str(data_path)}
+    # Without prefix reuse a greedy answer depends on its prompt alone, not on which prompt a KV slot
+    # held before (llama.cpp's rounding changes with the evaluated chunk): identical prompts in two
+    # arms then give identical answers, and every difference between arms is the memory's doing.
     config = config.with_overrides({"inference.max_loaded_models": len(config.inference.models),
+                                    "inference.prefix_reuse": False,
                                     "learning.enabled": False, "compression.enabled": False})
     config = log_experiment(tracker, config, {k: v for k, v in params.items() if k != "n_seeds"})
     rows_eval = load_memory_eval(data_path, "eval")

@@ -288,6 +288,8 @@ class LlamaCppBackend(Backend):
         if job.session is not None and slot.session != job.session and job.session in self._states:
             self._restore(slot, job.session)
         reuse = min(common_prefix_len(slot.tokens, job.prompt), len(job.prompt) - 1)  # >= 1 token for logits
+        if not self.config.prefix_reuse:
+            reuse = 0
         if reuse <= 0 or not llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, reuse, -1):
             # nothing shared, or a cache (recurrent, windowed) that cannot drop a suffix: start cold
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
