@@ -1,10 +1,11 @@
 """Which note layout lets a small tier use a verified answer?  Chosen on the calib split only.
 
-    python experiments/note_layouts.py [--config configs/server-cpu.toml] [--max-tokens 32]
+    python experiments/note_layouts.py [--config configs/server-cpu.toml] [--tiers T ...] [--max-tokens 32]
 
 The largest tier answers every calib-split question of ``data/memory_eval.jsonl`` (greedy); its
 answers that pass the strict matcher become the notes, as verified answers would be in serving.
-The smallest tier then answers the question and both paraphrases with that one note, rendered by
+Each answering tier (``--tiers``, default the two smallest) then answers the question and both
+paraphrases with that one note, rendered by
 ``ContextBuilder.messages`` under each layout of ``LAYOUTS`` (``[prompt] answer_note`` and
 ``question_with_notes``), and without a note.  The eval split is left for the memory ablation
 (``notebooks/05_memory.ipynb``), so choosing the layout here does not tune on what it reports.
@@ -33,17 +34,20 @@ LAYOUTS = {  # name -> [prompt] overrides; None = no note at all
     "no note": None,
     "answer only": {"prompt.answer_note": "- {provenance} (to this question): {answer}",
                     "prompt.question_with_notes": "Question: {query}"},
-    "question + answer, ends in Answer: (default)": {},
+    "question + answer (default)": {"prompt.answer_note": "- {provenance}: Q: {question} A: {answer}",
+                          "prompt.question_with_notes": "Question: {query}"},
+    "question + answer, ends in Answer:": {"prompt.answer_note": "- {provenance}: Q: {question} A: {answer}",
+                                           "prompt.question_with_notes": "Question: {query}\nAnswer:"},
 }
 
 
-def run(config: Config, max_tokens: int) -> dict:
+def run(config: Config, tiers: list[str], max_tokens: int) -> dict:
     rows = load_memory_eval(MEMORY_EVAL_PATH, "calib")
-    small, large = config.inference.models[0], config.inference.models[-1]
-    config = config.with_overrides({"inference.max_loaded_models": 2})
+    large = config.inference.models[-1]
+    config = config.with_overrides({"inference.max_loaded_models": len(tiers) + 1, "inference.prefix_reuse": False})
     pool = InferencePool(config.inference, config.system)
     note_provenance = provenance("interaction", {"verification": "gold"})
-    results: dict[str, list[bool]] = {name: [] for name in LAYOUTS}
+    results: dict[tuple[str, str], list[bool]] = {(tier, name): [] for tier in tiers for name in LAYOUTS}
     try:
         def ask(tier: str, messages: list[dict]) -> str:
             return pool.generate(tier, messages, max_tokens=max_tokens, temperature=0.0).text
@@ -54,7 +58,8 @@ def run(config: Config, max_tokens: int) -> dict:
             answer = ask(large, system + [{"role": "user", "content": row["question"]}]).strip()
             if correct_any(row, answer):
                 verified.append((row, answer))
-        for name, overrides in LAYOUTS.items():
+        for (tier, name), hits in results.items():
+            overrides = LAYOUTS[name]
             prompt = config.with_overrides(overrides or {}).prompt
             builder = ContextBuilder(config.retrieval, prompt, memory=None, attention=None, count_tokens=len,
                                      dimension=config.embedding.dimension)
@@ -62,38 +67,40 @@ def run(config: Config, max_tokens: int) -> dict:
                 note = Source(0, f"Q: {row['question']}\nA: {answer}", 1.0, provenance=note_provenance)
                 for question in [row["question"], *row["paraphrases"]]:
                     messages = builder.messages(question, [] if overrides is None else [note], session=None)
-                    results[name].append(correct_any(row, ask(small, messages)))
+                    hits.append(correct_any(row, ask(tier, messages)))
     finally:
         pool.close()
     table = []
-    for name, hits in results.items():
+    for (tier, name), hits in results.items():
         m, lo, hi = mean_ci(hits)
-        table.append({"layout": name, "correct": int(sum(hits)), "n": len(hits), "accuracy": m, "ci_low": lo,
-                      "ci_high": hi})
-    return {"small_tier": small, "note_tier": large, "calib_questions": len(rows), "verified_notes": len(verified),
+        table.append({"tier": tier, "layout": name, "correct": int(sum(hits)), "n": len(hits), "accuracy": m,
+                      "ci_low": lo, "ci_high": hi})
+    return {"tiers": tiers, "note_tier": large, "calib_questions": len(rows), "verified_notes": len(verified),
             "max_tokens": max_tokens, "layouts": table}
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Note layouts ({report['small_tier']} answering, notes from {report['note_tier']})", "",
+    lines = [f"# Note layouts (notes from {report['note_tier']})", "",
              f"Calib split: {report['calib_questions']} questions, {report['verified_notes']} answered right by "
              f"{report['note_tier']} (those are the notes); each asked as itself and as 2 paraphrases, greedy, "
-             f"<= {report['max_tokens']} tokens, strict matcher.  95 % t-interval over questions (they are not "
+             f"<= {report['max_tokens']} tokens, strict matcher.  95 % t-interval over questions, clipped to [0, 1] (they are not "
              "independent: 3 phrasings of one fact).  Command: `python experiments/note_layouts.py`.", "",
-             "| layout | correct / n | accuracy [95 % CI] |", "|---|---|---|"]
+             "| answering tier | layout | correct / n | accuracy [95 % CI] |", "|---|---|---|---|"]
     for r in report["layouts"]:
-        lines.append(f"| {r['layout']} | {r['correct']} / {r['n']} | {r['accuracy']:.3f} "
-                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] |")
+        lines.append(f"| {r['tier']} | {r['layout']} | {r['correct']} / {r['n']} | {r['accuracy']:.3f} "
+                     f"[{max(0.0, r['ci_low']):.3f}, {min(1.0, r['ci_high']):.3f}] |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "server-cpu.toml"))
+    ap.add_argument("--tiers", nargs="+", help="answering tiers (default: the profile's two smallest)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
     args = ap.parse_args(argv)
-    report = run(Config.load(args.config), args.max_tokens)
+    config = Config.load(args.config)
+    report = run(config, args.tiers or config.inference.models[:2], args.max_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "note_layouts.json").write_text(json.dumps(report, indent=1))
     text = markdown(report)

@@ -72,7 +72,7 @@ class EmbeddingConfig:
                                     "0 = the runtime's default")
     runtime: str = _f("onnx", choices=("onnx", "torch"),
                       doc="MiniLM runtime: 'onnx' = the same weights exported once to ONNX and run by onnxruntime with "
-                          "the fast tokenizer (equal vectors, ~3x less per query; benches/embedding.py), 'torch' = "
+                          "the fast tokenizer (equal vectors, ~2.6x faster per query on 1 thread; benches/embedding.py), 'torch' = "
                           "sentence-transformers")
 
 
@@ -183,13 +183,14 @@ class RetrievalConfig:
 class PromptConfig:
     system_prompt: str = _f("You are a helpful assistant. Answer the question briefly and accurately.")
     notes_header: str = _f("Notes from memory (use a note only if it answers this exact question):")
-    # The two layouts below were chosen on the calibration split of data/memory_eval.jsonl (the
-    # memory ablation reports the eval split): the smallest tier copies a verified answer far more
-    # often when the note names the question it answered and the prompt ends in "Answer:".
+    # The layout below was chosen on the calibration split of data/memory_eval.jsonl (the memory
+    # ablation reports the eval split; experiments/note_layouts.py): small tiers copy a verified
+    # answer far more often when the note names the question it answered.  Ending in "Answer:"
+    # helps the 135M chat model a little but breaks completion-format (base) tiers, whose prompt
+    # already ends in "Answer:".
     answer_note: str = _f("- {provenance}: Q: {question} A: {answer}",
                           doc="how an earlier answer is shown; fields {provenance}, {question}, {answer}")
-    question_with_notes: str = _f("Question: {query}\nAnswer:",
-                                  doc="the question after the notes; field {query}")
+    question_with_notes: str = _f("Question: {query}", doc="the question after the notes; field {query}")
     history_turns: int = _f(4, min=0, doc="session turns replayed into the prompt")
 
 

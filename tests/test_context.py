@@ -123,7 +123,7 @@ def test_every_shipped_paraphrase_agrees_with_its_question():
     assert len(misses) <= 0.1 * 2 * len(load_memory_eval()), misses
 
 
-def test_prompt_shows_an_earlier_answer_with_its_question_and_asks_for_the_answer():
+def test_prompt_shows_an_earlier_answer_with_the_question_it_answered():
     cfg = Config.from_dict({})
     builder = ContextBuilder(cfg.retrieval, cfg.prompt, memory=None, attention=None, count_tokens=len, dimension=4)
     note = Source(1, "Q: What is the capital of Greece?\nA: The capital of Greece is\n Athens.", 0.9,
@@ -134,7 +134,7 @@ def test_prompt_shows_an_earlier_answer_with_its_question_and_asks_for_the_answe
         cfg.prompt.notes_header,
         "- Correction from a user: The correct answer is Athens.",
         "- Earlier answer, rated 5/5 by a user: Q: What is the capital of Greece? A: The capital of Greece is Athens.",
-        "", "Question: Which city is the capital of Greece?", "Answer:"]
+        "", "Question: Which city is the capital of Greece?"]
     # no notes: the question alone, exactly as without memory
     assert builder.messages("Which city is the capital of Greece?", [], None)[-1]["content"] == \
         "Which city is the capital of Greece?"

@@ -66,6 +66,12 @@ CASES = [
     ("Write 'garden' in uppercase.", "GARDEN", "case", "garden", False, "echo in the wrong case"),
     ("Write 'garden' in uppercase.", "GARDEN", "case", "GARDEN", True, "case-sensitive match"),
     ("What is the chemical symbol of gold?", "Au", "case", "The symbol is Au.", True, "symbol in a sentence"),
+    ("What is 90 - 22?", "68", "number", 'The answer to the question "What is 90 - 22?" is "68".', True,
+     "a quoted restatement of the question is context"),
+    ("What is 90 - 22?", "68", "number", '"What is 90 - 22?"', False, "a quoted echo alone states nothing"),
+    ("What is 90 - 22?", "68", "number", 'The answer to "What is 90 - 22?" is 90 - 22.', False,
+     "still an unevaluated expression after the quote"),
+    ("What is 68 + 0?", "68", "number", '"68"', True, "a short quote is the answer, not the question"),
 ]
 
 

@@ -3,8 +3,8 @@ one token loop (`TokenDecoder`) every backend drives.
 
 A backend owns one loaded model.  A backend whose `batches` is False is *not* thread-safe:
 the pool serialises its calls (one generation at a time, a FIFO wait queue in front of it).
-A backend whose `batches` is True (llama.cpp) takes concurrent `run` calls and decodes them
-together, one batch per step.  Either way the per-request logic (sampling, stop sequences,
+A backend whose `batches` is True (llama.cpp, transformers) takes concurrent `run` calls and
+decodes them together, one batch per step.  Either way the per-request logic (sampling, stop sequences,
 max_tokens, deadlines, cancellation, log-probabilities, streamed text) lives in
 `TokenDecoder`, so a fix there reaches every engine; a backend supplies only "next logits"
 and "feed token".
@@ -303,22 +303,3 @@ class TokenDecoder:
             latency_ms=(end - started) * 1e3, ttft_ms=((self.t_first or end) - started) * 1e3,
             tokens_per_s=decode_rate(len(self.completion), self.t_first, self.t_last),
             finish_reason=self.finish_reason or "length", logprobs=self.logprobs, truncated=self.truncated)
-
-
-def decode_loop(decoder: TokenDecoder, prefill: Callable[[], np.ndarray | None],
-                feed_token: Callable[[int], np.ndarray]) -> GenerationLoop:
-    """The single-sequence loop: `prefill()` runs the prompt and returns the next logits (None if
-    it was interrupted), `feed_token(t)` runs one token and returns the logits after it."""
-    if not decoder.interrupt():
-        logits = prefill()
-        if logits is None:
-            decoder.interrupt()
-        while logits is not None and not decoder.done:
-            text = decoder.accept(logits)
-            if text:
-                yield text
-            logits = feed_token(decoder.next_token) if decoder.next_token is not None else None
-    tail = decoder.finish()
-    if tail:
-        yield tail
-    return decoder.result()
