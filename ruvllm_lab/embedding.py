@@ -392,8 +392,12 @@ class EmbeddingService:
             return "identity"
         return "pca" if self._pca_mean is not None else "orthogonal"
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """(n, dimension) float32, rows L2-normalised; empty text -> ValueError."""
+    def embed(self, texts: Sequence[str], remember: bool = True) -> np.ndarray:
+        """(n, dimension) float32, rows L2-normalised; empty text -> ValueError.
+
+        ``remember=False`` reads the cache but does not fill it: for a one-off text (a query,
+        whose vector is stored with its memory node anyway) an entry would only push out useful
+        ones and hold ~1.7 KB for the next ``cache_size`` texts (measured by the soak, issue 14)."""
         texts = _check_texts(texts)
         out = np.zeros((len(texts), self.dimension), np.float32)
         with self._lock:
@@ -416,14 +420,15 @@ class EmbeddingService:
                 vecs = self._encode([texts[missing[k][0]] for k in keys])
                 for key, vec in zip(keys, vecs):
                     out[missing[key]] = vec
-                    self._remember(key, vec)
+                    if remember:
+                        self._remember(key, vec)
         return out
 
-    def embed_one(self, text: str) -> np.ndarray:
+    def embed_one(self, text: str, remember: bool = True) -> np.ndarray:
         """(dimension,) float32 unit vector."""
         if not isinstance(text, str):
             raise TypeError(f"embed_one() takes a str, got {type(text).__name__}")
-        return self.embed([text])[0]
+        return self.embed([text], remember=remember)[0]
 
     def count_tokens(self, text: str) -> int:
         """Tokens the backend's tokenizer produces for `text` (no special tokens)."""

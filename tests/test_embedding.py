@@ -104,6 +104,17 @@ def test_cache_is_lru_and_bounded():
     assert e.cache_info()["misses"] == before + 1  # was evicted
 
 
+def test_a_one_off_text_reads_the_cache_without_filling_it():
+    e = EmbeddingService(EmbeddingConfig(cache_size=100))
+    once = e.embed_one(CAT, remember=False)
+    e.embed_one(CAT, remember=False)
+    assert e.cache_info()["size"] == 0 and e.cache_info()["misses"] == 2
+    e.embed_one(KITTEN)  # remembered
+    np.testing.assert_allclose(e.embed_one(KITTEN, remember=False), e.embed_one(KITTEN))
+    assert e.cache_info()["hits"] == 2 and e.cache_info()["size"] == 1
+    np.testing.assert_allclose(once, e.embed([CAT])[0], atol=1e-6)
+
+
 def test_cache_disabled_with_size_zero():
     e = EmbeddingService(EmbeddingConfig(cache_size=0))
     a = e.embed([CAT])
