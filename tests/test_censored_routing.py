@@ -32,17 +32,29 @@ def _eq(a, b):
 
 # ---- targets: exactly what was observed ---------------------------------------------------------
 @pytest.mark.parametrize("observed, target, weight", [
-    ({1: (1.0, 1.0)}, [NAN, 1, 1], [0, 1, 1]),  # adequate at 1: Y <= 1, so Y <= 2 as well
-    ({1: (0.0, 1.0)}, [0, 0, NAN], [1, 1, 0]),  # inadequate at 1: Y > 1, so Y > 0 as well; head 2 unknown
-    ({3: (0.0, 1.0)}, [0, 0, 0], [1, 1, 1]),  # even the largest failed: no cheaper tier is adequate
-    ({3: (1.0, 1.0)}, [NAN, NAN, NAN], [0, 0, 0]),  # the largest answered: says nothing about cheaper tiers
-    ({0: (1.0, 1.0)}, [1, 1, 1], [1, 1, 1]),
-    ({2: (1.0, 1.0), 0: (0.0, 1.0)}, [0, NAN, 1], [1, 0, 1]),  # tier 1 untried: head 1 stays unobserved
-    ({1: (1.0, 1.0), 2: (0.0, 1.0)}, [0, 0.5, 0.5], [1, 2, 2]),  # contradictory outcomes average out
-    ({1: (0.25, 2.0)}, [0, 0.25, 1], [1.5, 2.0, 0.5]),  # a soft outcome splits its weight
+    ({1: (1.0, 1.0)}, [NAN, 1, 1, 1], [0, 1, 1, 1]),  # adequate at 1: Y <= 1, so Y <= 2, 3 as well
+    ({1: (0.0, 1.0)}, [0, 0, NAN, NAN], [1, 1, 0, 0]),  # inadequate at 1: Y > 1, so Y > 0 as well; 2, 3 unknown
+    ({3: (0.0, 1.0)}, [0, 0, 0, 0], [1, 1, 1, 1]),  # even the largest failed: no tier is adequate
+    ({3: (1.0, 1.0)}, [NAN, NAN, NAN, 1], [0, 0, 0, 1]),  # the largest answered: nothing about cheaper tiers
+    ({0: (1.0, 1.0)}, [1, 1, 1, 1], [1, 1, 1, 1]),
+    ({2: (1.0, 1.0), 0: (0.0, 1.0)}, [0, NAN, 1, 1], [1, 0, 1, 1]),  # tier 1 untried: head 1 stays unobserved
+    ({1: (1.0, 1.0), 2: (0.0, 1.0)}, [0, 0.5, 0.5, 1], [1, 2, 2, 1]),  # contradictory outcomes average out
+    ({1: (0.25, 2.0)}, [0, 0.25, 1, 1], [1.5, 2.0, 0.5, 0.5]),  # a soft outcome splits its weight
 ])
 def test_ordinal_targets_hand_computed(observed, target, weight):
     t, w = ordinal_targets(observed, 4)
+    _eq(t, target)
+    _eq(w, weight)
+
+
+@pytest.mark.parametrize("observed, target, weight", [
+    ({1: (1.0, 1.0)}, [NAN, 1, NAN, NAN], [0, 1, 0, 0]),  # independent heads: only the tried tier's head
+    ({1: (0.0, 1.0)}, [NAN, 0, NAN, NAN], [0, 1, 0, 0]),  # a failure says nothing about cheaper tiers
+    ({0: (1.0, 1.0), 1: (0.0, 1.0)}, [1, 0, NAN, NAN], [1, 1, 0, 0]),  # a cheaper tier may beat a larger one
+    ({2: (0.25, 2.0)}, [NAN, NAN, 0.25, NAN], [0, 0, 2, 0]),
+])
+def test_independent_targets_speak_only_for_the_tier_tried(observed, target, weight):
+    t, w = ordinal_targets(observed, 4, independent=True)
     _eq(t, target)
     _eq(w, weight)
 
@@ -112,18 +124,59 @@ def test_untrained_router_serves_the_largest_tier_and_picks_the_cheapest_confide
     policy = make_router("fastgrnn", TIERS, cfg, 8)
     d = policy.route(_input(np.ones(8)))
     assert d.tier == TIERS[-1] and d.fallback_used  # no cheaper tier is known to be enough
-    # set the cumulative heads by hand: C = [0.3, 0.7, 0.9] -> cheapest with C >= 0.6 is tier 1
-    with torch.no_grad():
-        head = policy.model.head
-        head.weight[:3].zero_()
-        z = torch.logit(torch.tensor([0.3, 0.7, 0.9]))
-        head.bias[0] = z[0]
-        head.bias[1:3] = torch.log(torch.expm1(z[1:] - z[:-1]))  # inverse softplus of the increments
+    # set the cumulative heads by hand: C = [0.3, 0.7, 0.9, 0.95] -> cheapest with C >= 0.6 is tier 1
+    _set_heads(policy, [0.3, 0.7, 0.9, 0.95])
     d = policy.route(_input(np.ones(8)))
     assert d.tier == TIERS[1] and not d.fallback_used
     assert d.confidence == pytest.approx(0.7, abs=1e-4)
     assert sum(d.tier_probs.values()) == pytest.approx(1.0)
     assert d.tier_probs[TIERS[0]] == pytest.approx(0.3, abs=1e-4)
+
+
+def _set_heads(policy, c):
+    """Make the tier heads output C = c for every input (cumulative: inverse softplus of the increments)."""
+    with torch.no_grad():
+        head, n = policy.model.head, len(c)
+        head.weight[:n].zero_()
+        z = torch.logit(torch.tensor(c, dtype=torch.float32))
+        if policy.model.independent:
+            head.bias[:n] = z
+        else:
+            head.bias[0] = z[0]
+            head.bias[1:n] = torch.log(torch.expm1(z[1:] - z[:-1]))
+
+
+@pytest.mark.parametrize("heads", ["cumulative", "independent"])
+def test_utility_rule_prices_cost_and_declines_a_largest_tier_that_would_fail_too(heads):
+    """argmax_i C_i - cost_penalty * cost_i, costs relative to the largest tier (params: 1, 2, 3.66, 11.44)."""
+    cfg = RouterConfig(hidden_dim=8, decision_rule="utility", cost_penalty=0.2, tier_heads=heads)
+    policy = make_router("fastgrnn", TIERS, cfg, 8)
+    assert policy.route(_input(np.ones(8))).tier == TIERS[-1]  # untrained: the largest is believed adequate
+    costs = policy.model.tier_costs.numpy()
+    cases = [([0.30, 0.35, 0.80, 0.90], 2),  # 0.80 - 0.2 * 0.32 beats 0.90 - 0.2 and the cheap tiers
+             ([0.78, 0.78, 0.80, 0.90], 0),  # the smallest is nearly as good: 0.78 - 0.2 * 0.087
+             ([0.02, 0.03, 0.05, 0.10], 0),  # no tier answers: do not pay for the largest
+             ([0.10, 0.10, 0.20, 0.95], 3)]
+    for c, want in cases:
+        _set_heads(policy, c)
+        d = policy.route(_input(np.ones(8)))
+        assert int(np.argmax(np.array(c) - 0.2 * costs)) == want  # the case is what its comment says
+        assert d.tier == TIERS[want] and not d.fallback_used, (c, d.tier)
+        assert d.confidence == pytest.approx(c[want], abs=1e-4)
+
+
+def test_independent_heads_route_to_a_cheap_tier_that_beats_the_next_one():
+    """A non-monotone ladder (the 270M base model fails where the 135M one answers): the threshold rule
+    on independent heads still finds the cheapest tier with C_i >= tau, and the tier probabilities
+    (the running maximum's increments) sum to 1."""
+    cfg = RouterConfig(hidden_dim=8, confidence_threshold=0.6, tier_heads="independent")
+    policy = make_router("fastgrnn", TIERS, cfg, 8)
+    _set_heads(policy, [0.7, 0.2, 0.5, 0.9])
+    d = policy.route(_input(np.ones(8)))
+    assert d.tier == TIERS[0] and d.confidence == pytest.approx(0.7, abs=1e-4)
+    assert sum(d.tier_probs.values()) == pytest.approx(1.0)
+    assert d.tier_probs[TIERS[1]] == pytest.approx(0.0, abs=1e-6)
+    assert d.tier_probs[TIERS[2]] == pytest.approx(0.0, abs=1e-6)
 
 
 # ---- what counts as success --------------------------------------------------------------------------------
@@ -171,6 +224,19 @@ def test_exploration_routes_one_cheaper_with_the_logged_propensity():
     assert abs(len(explored) / 800 - 0.25) < 0.05  # 4.2 standard errors
     forced = svc.route(_input(np.ones(8), forced=TIERS[2]))
     assert not forced.explored and forced.propensity == 1.0
+
+
+def test_exploration_over_every_cheaper_tier_splits_the_propensity():
+    cfg = Config.load(ROOT / "configs" / "edge.toml", overrides={"inference.models": TIERS,
+                                                                   "learning.explore_rate": 0.3,
+                                                                   "learning.explore_tiers": "cheaper"})
+    svc = LearningService(cfg, make_router("fastgrnn", TIERS, cfg.router, 8), resume=False, persist=False)
+    decisions = [svc.route(_input(np.ones(8))) for _ in range(1500)]
+    explored = [d for d in decisions if d.explored]
+    assert all(d.policy_tier == TIERS[3] for d in decisions)
+    assert all(d.propensity == pytest.approx(0.1) for d in explored)
+    counts = {t: sum(d.tier == t for d in explored) / 1500 for t in TIERS[:3]}
+    assert all(abs(c - 0.1) < 0.025 for c in counts.values()), counts  # each ~0.1, 3.2 standard errors
 
 
 def test_off_policy_estimate_hand_computed():

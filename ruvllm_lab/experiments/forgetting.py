@@ -389,8 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ewc-lambda", type=float, default=None)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--experiment", default="ruvllm-forgetting")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set router.tier_heads=cumulative")
     args = p.parse_args(argv)
-    config = Config.load(args.config)
+    config = Config.load(args.config, overrides=args.set)
     name = readable_run_name("forgetting", labels=args.labels, seeds=len(args.seeds), steps=args.steps_per_phase)
     with MLflowTracker(experiment=args.experiment, run_name=name, tags={"entry": "experiments.forgetting"}) as tracker:
         result = run(config, default_schedule(args.pool), args.methods, seeds=args.seeds, labels=args.labels,

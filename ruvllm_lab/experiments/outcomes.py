@@ -152,6 +152,43 @@ class OutcomeMatrix:
                 "largest_quality": float(self.correct[:, -1].mean()),
                 "largest_cost": float(self.cost[:, -1].mean())}
 
+    def static_policy_bound(self, groups: Sequence[str], min_quality: float) -> dict[str, Any]:
+        """Evaluation only, like the oracle: the cheapest policy that sends every query of a group (e.g.
+        its family) to one tier and reaches ``min_quality``, chosen knowing every outcome.  Found by
+        sweeping the Lagrangian price of cost (per group, the tier maximising correct - price * cost);
+        what a router that knows only the group could at best do.  ``{}`` when no price reaches it."""
+        groups = np.asarray(list(groups))
+        if len(groups) != len(self.items):
+            raise ValueError(f"{len(groups)} group labels for {len(self.items)} queries")
+        names = sorted(set(groups.tolist()))
+        corr, cost, q = self.correct.astype(float), self.cost, np.arange(len(self.items))
+        best: dict[str, Any] = {}
+        for price in np.linspace(0.0, 2.0 / max(float(cost.max()), 1e-9), 2001):
+            pick = np.zeros(len(q), np.int64)
+            for g in names:
+                m = groups == g
+                pick[m] = int(np.argmax(corr[m].sum(0) - price * cost[m].sum(0)))
+            quality, mean_cost = float(corr[q, pick].mean()), float(cost[q, pick].mean())
+            if quality >= min_quality and (not best or mean_cost < best["cost"]):
+                best = {"quality": quality, "cost": mean_cost,
+                        "cost_reduction": 1.0 - mean_cost / float(cost[:, -1].mean()),
+                        "tiers": {g: self.tiers[int(pick[groups == g][0])] for g in names}}
+        return best
+
+    def monotonicity(self) -> dict[str, Any]:
+        """How far the ladder is from "a larger tier answers whatever a cheaper one does" (the cumulative
+        router's assumption): the share of queries where some cheaper tier is right and a larger one
+        wrong, and per tier pair (t, u > t) P(u wrong | t right)."""
+        c, n = self.correct, len(self.tiers)
+        violated = np.zeros(len(c), bool)
+        pairs = {}
+        for t in range(n):
+            for u in range(t + 1, n):
+                violated |= c[:, t] & ~c[:, u]
+                if c[:, t].any():
+                    pairs[f"{self.tiers[u]} wrong | {self.tiers[t]} right"] = float((~c[c[:, t], u]).mean())
+        return {"violated_share": float(violated.mean()), "pairs": pairs}
+
 
 def collect_outcomes(config: Config, items: Sequence[WorkItem], tiers: Sequence[str] | None = None, *,
                      max_tokens: int = 16, cache_dir: str | os.PathLike | None = None, pool: Any = None,

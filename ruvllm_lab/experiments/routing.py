@@ -39,6 +39,7 @@ from .tracking import NullTracker, Tracker, log_experiment, mark_underpowered
 DEFAULT_ROUTERS = ("fastgrnn", "knn", "logreg", "random", "always-smallest", "always-largest", "oracle")
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 DEFAULT_N_QUERIES = 300
+TARGET_QUALITY_GAP = 0.03  # issue 12: quality >= always-largest - 0.03 (reported beside the static bounds)
 _make_pool = make_pool  # the name other experiments import
 
 
@@ -169,6 +170,18 @@ def run(config: Config, workload: Sequence[WorkItem] | None = None, routers: Seq
     return result
 
 
+def validation_workload(n: int, seed: int, exclude_seed: int | None = None) -> list[WorkItem]:
+    """``n`` distinct generated queries of workload ``seed``, less any that also occur among workload
+    ``exclude_seed``'s ``n`` (the generator reuses templates and facts, so two seeds overlap)."""
+    items = generate(FAMILIES, n, seed, distinct=True)
+    if exclude_seed is None:
+        return items
+    if exclude_seed == seed:
+        raise ValueError("--exclude-workload-seed must differ from --workload-seed")
+    taken = {it.query for it in generate(FAMILIES, n, exclude_seed, distinct=True)}
+    return [it for it in items if it.query not in taken]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ruvllm_lab.experiments.routing``: run the experiment, log to MLflow, print the tables."""
     import argparse
@@ -185,17 +198,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--update-every", type=int, default=8)
     p.add_argument("--experiment", default="ruvllm-routing")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set router.cost_penalty=0.2")
+    p.add_argument("--exclude-workload-seed", type=int, default=None, metavar="S",
+                   help="drop queries that also occur in workload seed S's --n queries: a validation workload "
+                        "disjoint from the reported one (tune on it, report on S)")
     args = p.parse_args(argv)
-    config = Config.load(args.config)
-    items = generate(FAMILIES, args.n, args.workload_seed, distinct=True)
-    name = readable_run_name("routing", n_queries=args.n, seeds=len(args.seeds), feedback="+".join(args.feedback))
-    with MLflowTracker(experiment=args.experiment, run_name=name, tags={"entry": "experiments.routing"}) as tracker:
+    config = Config.load(args.config, overrides=args.set)
+    items = validation_workload(args.n, args.workload_seed, args.exclude_workload_seed)
+    name = readable_run_name("routing", n_queries=len(items), seeds=len(args.seeds), feedback="+".join(args.feedback))
+    tags = {"entry": "experiments.routing", "workload_seed": str(args.workload_seed)}
+    if args.exclude_workload_seed is not None:
+        tags["validation_excludes_workload_seed"] = str(args.exclude_workload_seed)
+    with MLflowTracker(experiment=args.experiment, run_name=name, tags=tags) as tracker:
         result = run(config, items, args.routers, seeds=args.seeds, feedback=args.feedback,
                      max_tokens=args.max_tokens, update_every=args.update_every, tracker=tracker)
         print(f"\nMLflow run {tracker.run_id} ({tracker.artifact_uri})")
     print(f"\n{len(items)} queries, tiers {', '.join(result.outcomes.tiers)}, seeds {args.seeds}\n")
     print(result.tiers.round(3).to_markdown(index=False))
-    print("\nheadroom:", {k: round(v, 3) for k, v in result.outcomes.headroom().items()})
+    out = result.outcomes
+    print("\nheadroom:", {k: round(v, 3) for k, v in out.headroom().items()})
+    target = float(out.correct[:, -1].mean()) - TARGET_QUALITY_GAP
+    for name, groups in (("family", [it.family for it in out.items]),
+                         ("family x difficulty", [f"{it.family}/{it.difficulty}" for it in out.items])):
+        bound = out.static_policy_bound(groups, target)
+        print(f"best static policy per {name} at quality >= {target:.3f} (evaluation only):",
+              {k: (round(v, 3) if isinstance(v, float) else v) for k, v in bound.items()} or "none")
+    mono = out.monotonicity()
+    print(f"queries where a cheaper tier is right and a larger one wrong: {mono['violated_share']:.3f}; "
+          + "; ".join(f"P({k}) = {v:.2f}" for k, v in mono["pairs"].items()))
     for mode in args.feedback:
         print(f"\n{mode} feedback\n" + result.to_markdown(mode))
     return 0

@@ -16,8 +16,12 @@ Contract (every router in ``ROUTERS`` keeps it, so experiments can swap them by 
   not configured raises ModelNotFound.  The router still runs, so its hidden state and
   context/sampling suggestions stay meaningful.
 * Ordinal routers (FastGRNN) return cumulative probabilities C_i = P(cheapest adequate tier <= i)
-  in ``RawRoute.cum``; their rule is the cheapest tier i with C_i >= ``config.confidence_threshold``,
-  and ``config.fallback`` when no tier below the largest reaches it (``router.model``).
+  for every tier in ``RawRoute.cum`` (C_{T-1} = P(the largest tier is adequate) < 1: a query no
+  tier answers is representable).  ``config.decision_rule`` picks the tier (``ordinal_choice``):
+  ``threshold`` -- the cheapest tier i < T-1 with C_i >= ``config.confidence_threshold``, else
+  ``config.fallback``; ``utility`` -- the tier maximising C_i - ``config.cost_penalty`` · cost_i
+  (cost relative to the largest tier), the Lagrangian of "most adequate answers within a cost
+  budget", which also declines to pay for the largest tier when it is unlikely to help either.
 * Fallback: a router whose ``uses_fallback`` is True (the learned ones) hands the decision
   to ``config.fallback`` whenever its ``confidence < config.confidence_threshold`` —
   ``largest`` (safe: quality first), ``smallest`` (cheap) or ``default``
@@ -36,7 +40,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -146,7 +150,7 @@ class RawRoute:
     temperature: float
     top_p: float
     state: Any = None
-    cum: np.ndarray | None = None  # (T-1,) C_i = P(cheapest adequate tier <= i), ordinal routers only
+    cum: np.ndarray | None = None  # (T,) C_i = P(cheapest adequate tier <= i), ordinal routers only
 
 
 class Router:
@@ -201,15 +205,14 @@ class Router:
                                fallback_used=fallback, router=self.name, state=raw.state)
 
     def _ordinal_choice(self, cum: np.ndarray) -> tuple[str, float, bool]:
-        """Cheapest tier with C_i >= confidence_threshold, else the fallback (see module docstring)."""
+        """The configured ordinal rule (module docstring); confidence is C of the chosen tier."""
         if len(self.tiers) == 1:
             return self.tiers[0], 1.0, False
-        full = np.append(cum, 1.0)  # C_{T-1} = 1
-        for i, c in enumerate(cum):
-            if c >= self.config.confidence_threshold:
-                return self.tiers[i], float(c), False
-        fb = self.fallback_tier
-        return fb, float(full[self.tiers.index(fb)]), True
+        fb = self.tiers.index(self.fallback_tier)
+        if getattr(self, "_tier_costs", None) is None:  # once per router: the ladder lookup is not free
+            self._tier_costs = tier_costs(self.tiers)
+        i, fallback = ordinal_choice(cum[None, :], self._tier_costs, self.config, fb)
+        return self.tiers[int(i[0])], float(cum[int(i[0])]), bool(fallback[0])
 
     def _raw_route(self, x: RouterInput, state: Any) -> RawRoute:
         raise NotImplementedError
@@ -247,6 +250,34 @@ class Router:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, tiers={self.tiers})"
+
+
+def tier_costs(tiers: Sequence[str]) -> np.ndarray:
+    """(T,) relative cost per tier, scaled so the most expensive tier costs 1:
+    ``models.resolve(t).relative_cost`` (parameter-weighted) when every tier is a ladder tier,
+    otherwise the rank (i+1)/T, because user GGUF files have no trustworthy cost."""
+    from .. import models
+    if all(t in models.LADDER for t in tiers):
+        costs = np.array([models.LADDER[t].relative_cost for t in tiers], np.float64)
+    else:
+        costs = np.arange(1, len(tiers) + 1, dtype=np.float64) / len(tiers)
+    return costs / costs.max()
+
+
+def ordinal_choice(cum: np.ndarray, costs: np.ndarray, config: RouterConfig,
+                   fallback: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Batch form of the ordinal serving rule: cum (B, T) C_i = P(Y <= i), costs (T,) relative
+    (max 1) -> (tier index (B,), fallback used (B,)).  ``fallback`` is the tier index the
+    threshold rule falls back to (default: the largest)."""
+    cum = np.asarray(cum, np.float64)
+    b, n = cum.shape
+    if config.decision_rule == "utility":
+        # argmax of expected adequacy minus priced cost; ties go to the cheaper tier (argmax takes the first)
+        return np.argmax(cum - config.cost_penalty * np.asarray(costs)[None, :], axis=1), np.zeros(b, bool)
+    reached = cum[:, :n - 1] >= config.confidence_threshold  # the largest tier is the fallback, not a candidate
+    found = reached.any(axis=1)
+    fb = n - 1 if fallback is None else int(fallback)
+    return np.where(found, reached.argmax(axis=1), fb), ~found
 
 
 ROUTERS: dict[str, type[Router]] = {}

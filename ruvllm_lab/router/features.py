@@ -80,7 +80,7 @@ class RouterBatch:
 
     x (B, F) float32; h0 (B, H) float32 (the hidden state each example was routed with, zeros
     when unknown); tier (B,) int64, the exact cheapest adequate tier, -1 where the observations do
-    not pin it down (censored rows); cum_target / cum_weight (B, T-1) float32, the ordinal targets
+    not pin it down (censored rows); cum_target / cum_weight (B, T) float32, the ordinal targets
     of ``ordinal_targets`` (weight 0 = head unobserved); context_bucket (B,) int64, -1 = unknown;
     temperature and top_p (B,) float32, NaN = unknown; tier_scores (B, T) float32, NaN = unknown.
     """
@@ -106,25 +106,34 @@ class RouterBatch:
         return [self.subset(order[i:i + batch_size]) for i in range(0, len(self), batch_size)]
 
 
-def ordinal_targets(observed: dict[int, tuple[float, float]], n_tiers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Censored observations -> targets and weights of the T-1 cumulative heads (head i: Y <= i).
+def ordinal_targets(observed: dict[int, tuple[float, float]], n_tiers: int,
+                    independent: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Censored observations -> targets and weights of the T cumulative heads (head i: Y <= i).
 
     ``observed``: {tier index t: (adequate v in [0, 1], weight w)} for the tiers actually tried.
     Adequate at t means Y <= t, an observed 1 for every head i >= t; inadequate at t means Y > t,
-    an observed 0 for every head i <= t (by monotonicity no cheaper tier was adequate either).
+    an observed 0 for every head i <= t (by monotonicity no cheaper tier was adequate either;
+    inadequate at the largest tier is a 0 for every head, Y = "none").
     A soft v counts as weight w·v of the first and w·(1 - v) of the second.  Each head's target
     is the weighted mean of what it observed and its weight the total (a weighted sum of BCEs
     equals the total weight times one BCE at the mean target); heads nothing speaks to get
     weight 0.  Untried tiers are never given a label.
+
+    ``independent=True`` (``router.tier_heads = "independent"``, head i = P(tier i adequate)): an
+    observation at t is a target for head t only -- no monotonicity is assumed.
     """
-    k = n_tiers - 1
+    k = n_tiers
     pos, neg = np.zeros(k), np.zeros(k)
     for t, (v, w) in observed.items():
         if not 0 <= t < n_tiers:
             raise ValueError(f"observed tier index {t} outside 0..{n_tiers - 1}")
         if not 0.0 <= v <= 1.0 or w < 0:
             raise ValueError(f"observation at tier {t}: need adequacy in [0, 1] and weight >= 0, got {v}, {w}")
-        pos[t:] += w * v  # heads i >= t (none when t is the largest tier)
+        if independent:
+            pos[t] += w * v
+            neg[t] += w * (1.0 - v)
+            continue
+        pos[t:] += w * v  # heads i >= t
         neg[:t + 1] += w * (1.0 - v)  # heads i <= t
     weight = pos + neg
     target = np.divide(pos, weight, out=np.full(k, np.nan), where=weight > 0)
@@ -132,7 +141,8 @@ def ordinal_targets(observed: dict[int, tuple[float, float]], n_tiers: int) -> t
 
 
 def featurise(examples: Sequence["RouterExample"], tiers: Sequence[str], input_dim: int,
-              context_buckets: Sequence[int] = (0, 2, 4, 8), hidden_dim: int | None = None) -> RouterBatch:
+              context_buckets: Sequence[int] = (0, 2, 4, 8), hidden_dim: int | None = None,
+              independent: bool = False) -> RouterBatch:
     """Examples -> RouterBatch.  Raises ValueError naming an example whose tier is unknown."""
     tiers = list(tiers)
     if not examples:
@@ -143,8 +153,8 @@ def featurise(examples: Sequence["RouterExample"], tiers: Sequence[str], input_d
     h_dim = hidden_dim or 0
     h0 = np.zeros((b, h_dim), np.float32)
     tier = np.full(b, -1, np.int64)
-    cum_target = np.full((b, max(len(tiers) - 1, 0)), np.nan, np.float32)
-    cum_weight = np.zeros((b, max(len(tiers) - 1, 0)), np.float32)
+    cum_target = np.full((b, len(tiers)), np.nan, np.float32)
+    cum_weight = np.zeros((b, len(tiers)), np.float32)
     bucket = np.full(b, -1, np.int64)
     temperature = np.full(b, np.nan, np.float32)
     top_p = np.full(b, np.nan, np.float32)
@@ -156,8 +166,8 @@ def featurise(examples: Sequence["RouterExample"], tiers: Sequence[str], input_d
             observed = e.observed(tiers)
         except ValueError as err:
             raise ValueError(f"example {i}: {err}") from None
-        if len(tiers) > 1:
-            cum_target[i], cum_weight[i] = ordinal_targets({index[t]: ow for t, ow in observed.items()}, len(tiers))
+        cum_target[i], cum_weight[i] = ordinal_targets({index[t]: ow for t, ow in observed.items()}, len(tiers),
+                                                       independent)
         exact = e.exact_tier(tiers)
         if exact is not None:
             tier[i] = index[exact]

@@ -18,8 +18,8 @@ from .model import TEMPERATURE_MAX, FastGRNNRouter
 @dataclass
 class NumpyStep:
     h: np.ndarray  # (H,) new hidden state
-    cum_probs: np.ndarray  # (T-1,) C_i = P(cheapest adequate tier <= i)
-    tier_probs: np.ndarray  # (T,) C_i - C_{i-1}
+    cum_probs: np.ndarray  # (T,) C_i = P(cheapest adequate tier <= i)
+    tier_probs: np.ndarray  # (T,) C_i - C_{i-1}, the largest tier 1 - C_{T-2} (model.tier_probs_from_cumulative)
     context_index: int
     temperature: float
     top_p: float
@@ -41,7 +41,7 @@ def _softplus(a: float) -> float:
 
 
 class NumpyFastGRNN:
-    def __init__(self, arrays: dict[str, np.ndarray], n_tiers: int, n_buckets: int) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], n_tiers: int, n_buckets: int, independent: bool = False) -> None:
         a = arrays
         self.w_factors = [a["cell.W"].T.copy()] if "cell.W" in a else [a["cell.W1"].T.copy(), a["cell.W2"].T.copy()]
         self.u_factors = [a["cell.U"].T.copy()] if "cell.U" in a else [a["cell.U1"].T.copy(), a["cell.U2"].T.copy()]
@@ -49,14 +49,15 @@ class NumpyFastGRNN:
         self.bias_update = a["cell.bias_update"].reshape(-1)
         self.sig_zeta = float(_sigmoid(a["cell.zeta"].reshape(())))
         self.sig_nu = float(_sigmoid(a["cell.nu"].reshape(())))
-        self.head_w = a["head.weight"].T.copy()  # (H, T - 1 + C + 2)
+        self.head_w = a["head.weight"].T.copy()  # (H, T + C + 2)
         self.head_b = a["head.bias"]
         self.n_tiers, self.n_buckets = n_tiers, n_buckets
+        self.independent = independent
 
     @classmethod
     def from_model(cls, model: FastGRNNRouter) -> "NumpyFastGRNN":
         arrays = {k: v.detach().cpu().to(torch.float32).numpy().copy() for k, v in model.state_dict().items()}
-        return cls(arrays, len(model.tiers), len(model.context_buckets))
+        return cls(arrays, len(model.tiers), len(model.context_buckets), bool(getattr(model, "independent", False)))
 
     def cell(self, x: np.ndarray, h: np.ndarray) -> np.ndarray:
         """x (F,) or (B, F), h (H,) or (B, H) -> h'."""
@@ -74,16 +75,16 @@ class NumpyFastGRNN:
     def step(self, x: np.ndarray, h: np.ndarray) -> NumpyStep:
         """One routing decision: x (F,), h (H,)."""
         h_new = self.cell(x, h).astype(np.float32)
-        out = (h_new @ self.head_w + self.head_b).tolist()  # T - 1 + C + 2 floats: plain math beats tiny ufuncs
-        k, c = self.n_tiers - 1, self.n_buckets
+        out = (h_new @ self.head_w + self.head_b).tolist()  # T + C + 2 floats: plain math beats tiny ufuncs
+        k, c = self.n_tiers, self.n_buckets
         cum, z = [], 0.0
         for i, a in enumerate(out[:k]):  # z_0 = a_0, z_i = z_{i-1} + softplus(a_i): monotone
-            z = a if i == 0 else z + _softplus(a)
+            z = a if (i == 0 or self.independent) else z + _softplus(a)  # independent heads: z_i = a_i
             cum.append(_sigmoid_scalar(z))
-        full = [0.0, *cum, 1.0]
+        full = [0.0, *np.maximum.accumulate(cum[:-1]).tolist(), 1.0] if k > 1 else [0.0, 1.0]
         ctx = out[k:k + c]
         return NumpyStep(h=h_new, cum_probs=np.array(cum), tier_probs=np.array([max(full[i + 1] - full[i], 0.0)
-                                                                               for i in range(k + 1)]),
+                                                                               for i in range(k)]),
                          context_index=ctx.index(max(ctx)),
                          temperature=TEMPERATURE_MAX * _sigmoid_scalar(out[k + c]),
                          top_p=_sigmoid_scalar(out[k + c + 1]))

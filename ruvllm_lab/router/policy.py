@@ -89,7 +89,8 @@ class FastGRNNPolicy(Router):
 
     # ---- learning ---------------------------------------------------------------------------------
     def featurise(self, examples: Sequence[RouterExample]):
-        return featurise(examples, self.tiers, self.input_dim, self.model.context_buckets, self.model.hidden_dim)
+        return featurise(examples, self.tiers, self.input_dim, self.model.context_buckets, self.model.hidden_dim,
+                         independent=self.config.tier_heads == "independent")
 
     def fit(self, examples: list[RouterExample]) -> dict:
         """From scratch: fresh weights, then EdgeML's dense -> IHT -> frozen-support schedule."""

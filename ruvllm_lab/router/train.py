@@ -1,7 +1,7 @@
 """Training the FastGRNN router: censored ordinal loss, EdgeML's three-phase schedule, size report.
 
-Loss per example b (``router_loss``; ``reduction="mean"`` averages the first term over the
-observed head events sum_bi w_bi -- at least 1 -- and the rest over the rows)::
+Loss per example b (``router_loss``; ``reduction="mean"`` averages the first term over the rows
+with at least one observed head event -- at least 1 -- and the rest over all rows)::
 
     L_b = sum_i w_bi · BCE(z_bi, y_bi)                         # ordinal label loss (``ordinal_loss``)
         + cost_weight · sum_t p_b(t) · cost(t)                 # expected relative cost (0 by default)
@@ -34,6 +34,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,7 +49,7 @@ Penalty = Callable[[nn.Module], torch.Tensor]
 
 # ---- loss ---------------------------------------------------------------------------------------
 def ordinal_loss(cum_logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) logits, targets (NaN where unobserved), weights (0 where unobserved) -> (B,)
+    """(B, T) logits, targets (NaN where unobserved), weights (0 where unobserved) -> (B,)
     sum_i w_i · BCE(z_i, y_i): the censored ordinal negative log-likelihood of each row."""
     y = torch.nan_to_num(target, nan=0.0)
     bce = F.binary_cross_entropy_with_logits(cum_logits, y, reduction="none")
@@ -92,22 +93,30 @@ def router_loss(model: FastGRNNRouter, batch: RouterBatch, reduction: str = "mea
         if known.any():
             other = other + torch.where(known, (pred - torch.nan_to_num(target)) ** 2, torch.zeros_like(pred))
     if reduction == "mean":
-        # The label term is averaged over the observed head events, not the rows: in bandit batches
-        # most rows say nothing about most heads, and a row mean would shrink the label signal
-        # against the EWC penalty by the share of unobserved heads.
-        return label.sum() / batch.cum_weight.sum().clamp(min=1.0) + other.mean()
+        # The label term is averaged over the rows that observed anything (each row's NLL summed over
+        # its observed heads), not over all rows: in bandit batches replayed rows may carry no tier
+        # outcome, and counting them would shrink the label signal against the EWC penalty.  (Averaging
+        # per head event instead made the balance depend on how many heads a row happens to observe:
+        # with the largest tier's head learned too, a two-tier full-information row observes two.)
+        labelled = (batch.cum_weight.sum(-1) > 0).sum().clamp(min=1)
+        return label.sum() / labelled + other.mean()
     return _reduce(label + other, reduction)
 
 
 @torch.no_grad()
 def predicted_tiers(model: FastGRNNRouter, batch: RouterBatch, threshold: float | None = None) -> torch.Tensor:
-    """(B,) the serving rule's tier index: cheapest i with C_i >= threshold (default
-    ``router.confidence_threshold``), else the largest tier (the default fallback)."""
+    """(B,) the serving rule's tier index (``router.base.ordinal_choice`` under ``router.decision_rule``;
+    the threshold rule falls back to the largest tier).  ``threshold`` overrides
+    ``router.confidence_threshold`` and selects the threshold rule."""
+    from dataclasses import replace
+
+    from .base import ordinal_choice
     out = model(batch.x, _h0(model, batch))
-    tau = model.config.confidence_threshold if threshold is None else threshold
-    n = len(model.tiers)
-    reached = torch.cat([out.cum_probs >= tau, torch.ones(len(batch), 1, dtype=torch.bool)], -1)  # (B, T)
-    return torch.where(reached, torch.arange(n).expand(len(batch), n), torch.full((len(batch), n), n)).min(-1).values
+    config = model.config
+    if threshold is not None:
+        config = replace(config, decision_rule="threshold", confidence_threshold=float(threshold))
+    tiers, _ = ordinal_choice(out.cum_probs.double().numpy(), model.tier_costs.double().numpy(), config)
+    return torch.from_numpy(np.asarray(tiers, np.int64))
 
 
 @torch.no_grad()
