@@ -47,7 +47,7 @@ from .learning.service import Interaction, LearningService
 from .memory import MemoryService
 from .records import REQUEST_LOG_FILE, AnsweredRecord, RequestLog
 from .router import RouterInput, RoutingDecision, make_router
-from .telemetry import Metrics, stage_span
+from .telemetry import Metrics, release_free_heap, stage_span
 from .types import Feedback, Request, Response, Session, Source, Turn, Usage
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ class RuvLLM:
         self.sessions: OrderedDict[tuple[str | None, str], Session] = OrderedDict()  # (tenant, id) -> session
         # Answered requests and labels live in SQLite from the moment they are acknowledged: feedback
         # works across restarts and no label is lost to a crash (records.py).
-        self.records = RequestLog(Path(config.system.data_dir) / REQUEST_LOG_FILE, keep=config.system.feedback_window)
+        self.records = RequestLog(Path(config.system.data_dir) / REQUEST_LOG_FILE, keep=config.system.feedback_window,
+                                  cache_kb=config.system.request_log_cache_kb)
         self._lock = threading.Lock()
         self._label_lock = threading.Lock()  # a label's row and its learning-queue entry appear together
         self._slots = threading.BoundedSemaphore(config.system.max_concurrent_requests)
@@ -156,7 +157,7 @@ class RuvLLM:
         session = self._session(request.session_id, request.tenant) if request.session_id else None
         prep = Prepared(request, session)
         with self._stage("embed", prep):
-            prep.query_vec = self.embedder.embed_one(request.query)
+            prep.query_vec = self.embedder.embed_one(request.query, remember=False)
         tenant = getattr(request, "tenant", None)
         with self._stage("retrieve", prep):
             retrieved = self.context.retrieve(prep.query_vec, tenant)
@@ -310,8 +311,12 @@ class RuvLLM:
         with self._label_lock:
             watermark = self.records.label_watermark()
         report = self.learning.learn()
+        self.metrics.learning_cycles.inc()
         if report.get("swapped") and "save_error" not in report:
             self.records.mark_learned(watermark)
+        # A cycle frees megabytes of training temporaries (router and attention copies, autograd); glibc
+        # keeps freed heap pages in its arenas, where they stay resident: hand them back (issue 14).
+        release_free_heap()
         return report
 
     def _busy(self) -> bool:
@@ -340,7 +345,7 @@ class RuvLLM:
         return counts
 
     def _learn_periodically(self) -> None:
-        while not self._stop_learning.wait(self.config.learning.training_interval_ms / 1000.0):
+        while self.learning.wait_for_cycle(self._stop_learning):  # every interval, or sooner at learning.max_pending
             try:
                 self.learn()
             except Exception:  # noqa: BLE001 - learn() reports its own errors; this is a last guard

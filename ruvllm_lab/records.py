@@ -74,7 +74,9 @@ class AnsweredRecord:
 class RequestLog:
     """Answered requests (the last `keep` of them) and every label, in SQLite."""
 
-    def __init__(self, path: str | Path, keep: int):
+    def __init__(self, path: str | Path, keep: int, cache_kb: int | None = None):
+        """`keep`: answered requests kept (``system.feedback_window``); `cache_kb`: the connection's page
+        cache (``system.request_log_cache_kb``), None = SQLite's default (2 MiB)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keep = keep
@@ -82,6 +84,8 @@ class RequestLog:
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
+        if cache_kb is not None:  # appended to, read back by key: the OS page cache holds the file anyway
+            self._conn.execute(f"PRAGMA cache_size=-{int(cache_kb)}")
         self._conn.executescript(_SCHEMA)
         self._writes = 0
 

@@ -4,13 +4,17 @@ attention training, without ever blocking a query.
 Serving (``route``)
 -------------------
 The serving router decides (``router.base``); with probability ``learning.explore_rate`` a
-learned router's pick is replaced by the next cheaper tier, to find where a cheaper tier is
-enough (the only way a bandit learner sees a cheaper tier's outcome).  Every decision carries
-``propensity``, the probability with which its tier was chosen (1 - rate for the policy's own
-pick, rate for the explored one, 1 when nothing cheaper exists or the tier was forced).
+learned router's pick is replaced by a cheaper tier -- the next cheaper one, or with
+``learning.explore_tiers = "cheaper"`` one of the k cheaper tiers uniformly -- to find where a
+cheaper tier is enough (the only way a bandit learner sees a cheaper tier's outcome).  Every
+decision carries ``propensity``, the probability with which its tier was chosen (1 - rate for
+the policy's own pick, rate (or rate / k) for an explored one, 1 when nothing cheaper exists or
+the tier was forced).
 
 Cycle (``learn()``; ``start()`` runs it every ``learning.training_interval_ms`` in a daemon thread)
 --------------------------------------------------------------------------------------------------
+(or sooner, once ``learning.max_pending`` interactions wait: ``wait_for_cycle``)
+
 1. Drain the interactions recorded since the last cycle.  Each tier's evidence
    (``Interaction.signals``: gold, rating, correction, log-prob, ...) becomes an outcome by the
    one rule in :mod:`ruvllm_lab.learning.outcome`; an interaction with at least one outcome
@@ -84,7 +88,7 @@ from .trainer import ContinualTrainer
 
 log = logging.getLogger(__name__)
 
-RECENT_INTERACTIONS = 10_000  # how many interactions late feedback can still reach
+STOP_POLL_S = 0.2  # how soon a waiting background learner notices stop()
 TRAINER_STATE_FILE = "trainer_state.pt"  # optimiser moments + update count, beside STATE_FILES
 
 # (tier, query, max_tokens, should_stop) -> (text, logprobs) or None when stopped early
@@ -203,6 +207,7 @@ class LearningService:
         self._swap_lock = threading.Lock()  # the serving-router reference, attention adopt()
         self._train_lock = threading.Lock()  # one cycle at a time
         self._stop = threading.Event()
+        self._backlog = threading.Event()  # set when learning.max_pending interactions wait: learn now
         self._thread: threading.Thread | None = None
         self._shadow_jobs: deque[Interaction] = deque(maxlen=self.lc.shadow_queue)
         self._shadow_rows: list[RouterExample] = []
@@ -251,8 +256,9 @@ class LearningService:
         with self._lock:
             u = float(self._rng.random())
         if u < rate:
-            cheaper = self.tiers[i - 1]
-            return dataclasses.replace(d, tier=cheaper, propensity=rate, explored=True, policy_tier=d.tier)
+            k = i if self.lc.explore_tiers == "cheaper" else 1  # candidates: tiers[i-k .. i-1]
+            j = i - 1 - min(int(u / rate * k), k - 1)  # u / rate is uniform on [0, 1): reuse it, no second draw
+            return dataclasses.replace(d, tier=self.tiers[j], propensity=rate / k, explored=True, policy_tier=d.tier)
         return dataclasses.replace(d, propensity=1.0 - rate, explored=False, policy_tier=d.tier)
 
     # ---- recording ---------------------------------------------------------------------------------
@@ -267,11 +273,19 @@ class LearningService:
                 raise ValueError(f"interaction {interaction.request_id}: score for {t} must be in [0, 1], got {s!r}")
         if self.lc.shadow_rate <= 0:  # the texts only serve shadow evaluation
             interaction.query = interaction.answer = None
+        if not self.lc.enabled:  # no cycle will ever drain a queue: keep only the tier-quality feature
+            with self._lock:
+                self._update_tier_quality(interaction.tier_scores)
+            return
         with self._lock:
             self._pending.append(interaction)
+            if len(self._pending) >= self.lc.max_pending:
+                self._backlog.set()
             self._recent[interaction.request_id] = interaction
             self._recent.move_to_end(interaction.request_id)
-            while len(self._recent) > RECENT_INTERACTIONS:
+            # a bounded window (learning.recent_interactions): the request log keeps every answer durably,
+            # so this map only saves late feedback a rebuild (held whole for 10 000 answers: ~30 MB, issue 14)
+            while len(self._recent) > self.lc.recent_interactions:
                 self._recent.popitem(last=False)
             self._update_tier_quality(interaction.tier_scores)
         self._offer_shadow(interaction)
@@ -317,13 +331,17 @@ class LearningService:
             raise ValueError(f"score must be in [0, 1], got {score!r}")
         with self._lock:
             inter = self._recent.get(request_id)
+            if inter is None:  # out of the window but not yet trained on: merge, never a second example
+                inter = next((p for p in reversed(self._pending) if p.request_id == request_id), None)
             if inter is None:
                 raise RequestNotFound(f"no recorded interaction {request_id!r} (only the last "
-                                      f"{RECENT_INTERACTIONS} are kept)")
+                                      f"{self.lc.recent_interactions} and those not yet trained on are kept)")
             inter.tier_scores[tier] = float(score)
             inter.signals.setdefault(tier, {}).update(signals)
             if not any(p is inter for p in self._pending):  # identity: dataclass == would compare arrays
                 self._pending.append(inter)
+                if len(self._pending) >= self.lc.max_pending:
+                    self._backlog.set()
             self._update_tier_quality({tier: score})
         self._offer_shadow(inter)
         return inter
@@ -626,9 +644,20 @@ class LearningService:
         self._thread = threading.Thread(target=self._loop, name="ruvllm-learning", daemon=True)
         self._thread.start()
 
+    def wait_for_cycle(self, stop: threading.Event) -> bool:
+        """Block until the next cycle is due -- ``learning.training_interval_ms`` after the last, or
+        sooner once ``learning.max_pending`` interactions wait (a burst of requests must not grow the
+        queue without bound) -- and return True; return False as soon as `stop` is set."""
+        deadline = time.monotonic() + self.lc.training_interval_ms / 1000.0
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._backlog.wait(min(remaining, STOP_POLL_S)):
+                self._backlog.clear()
+                return not stop.is_set()
+        return False
+
     def _loop(self) -> None:
-        interval = self.lc.training_interval_ms / 1000.0
-        while not self._stop.wait(interval):
+        while self.wait_for_cycle(self._stop):
             try:
                 self.learn()
             except Exception:  # noqa: BLE001 - learn() reports its own errors; this is a last guard

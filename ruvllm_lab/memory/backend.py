@@ -155,7 +155,7 @@ class SqliteBackend:
         self.config = config
         self.dimension = int(dimension)
         self.location = str(config.db_path)
-        self.store = GraphStore(config.db_path, self.dimension)
+        self.store = GraphStore(config.db_path, self.dimension, config.sqlite_cache_kb)
         self.index_path = index_path_for(config.db_path)
         self.open_report: dict[str, Any] = {}
         self._depth = 0
@@ -365,7 +365,7 @@ class SqliteBackend:
         """Replace this store with a dump; the backend stays open on the restored store."""
         self.store.close()
         self.load_files(Path(self.config.db_path), Path(directory), components)
-        self.store = GraphStore(self.config.db_path, self.dimension)
+        self.store = GraphStore(self.config.db_path, self.dimension, self.config.sqlite_cache_kb)
         self.index = self._open_index()
 
     def close(self) -> None:

@@ -133,7 +133,8 @@ _NODE_COLS = "id, text, kind, metadata, created_at, last_used_at, use_count, qua
 class GraphStore:
     """Nodes, vectors and edges in one SQLite file (see the module docstring for the schema)."""
 
-    def __init__(self, path: str | Path, dimension: int):
+    def __init__(self, path: str | Path, dimension: int, cache_kb: int | None = None):
+        """`cache_kb`: this connection's page cache (``memory.sqlite_cache_kb``); None = SQLite's default."""
         self.path = Path(path)
         self.dimension = int(dimension)
         try:
@@ -147,6 +148,8 @@ class GraphStore:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
+            if cache_kb is not None:  # negative = KiB (positive would be pages)
+                self.conn.execute(f"PRAGMA cache_size=-{int(cache_kb)}")
             with self.transaction():
                 for stmt in _SCHEMA.strip().split(";"):
                     if stmt.strip():
