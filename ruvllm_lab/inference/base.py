@@ -20,10 +20,13 @@ from __future__ import annotations
 import abc
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Generator
 
 import numpy as np
+
+from ..errors import RuvLLMError
 
 FINISH_REASONS = ("stop", "length", "deadline", "cancelled")
 
@@ -106,6 +109,46 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Free the model; the backend is unusable afterwards."""
+
+
+class ScheduledBackend(Backend):
+    """A backend whose scheduler thread alone runs the model (continuous batching): the caller's
+    thread queues a job and relays its events.  Subclasses set ``_cond``, ``_pending`` and
+    ``_stopping``; a job has ``events`` (a queue of ("text" | "done" | "error", value)) and
+    ``abandoned``."""
+
+    batches = True
+    _cond: threading.Condition
+    _pending: deque
+    _stopping: bool
+
+    def _relay(self, job) -> GenerationLoop:
+        with self._cond:
+            if self._stopping:
+                raise RuvLLMError(f"tier {self.tier!r} is closed")
+            self._pending.append(job)
+            self._cond.notify_all()
+        finished = False
+        try:
+            while True:
+                kind, value = job.events.get()
+                if kind == "text":
+                    yield value
+                elif kind == "done":
+                    finished = True
+                    return value
+                else:
+                    finished = True
+                    raise value
+        finally:
+            if not finished:  # the consumer went away (stream closed, exception): free the sequence
+                job.abandoned = True
+                with self._cond:
+                    self._cond.notify_all()
+                # wait until the scheduler has let go of it (within one step), so the sequence is
+                # free when close() returns
+                while job.events.get()[0] not in ("done", "error"):
+                    pass
 
 
 def drain(loop: GenerationLoop) -> Generation:

@@ -35,7 +35,7 @@ import numpy as np
 from ..config import InferenceConfig
 from ..errors import ModelLoadError, RuvLLMError
 from ..models import TierSpec, read_gguf_header
-from .base import Backend, GenerationLoop, GenerationRequest, TokenDecoder, common_prefix_len, fit_prompt
+from .base import GenerationLoop, GenerationRequest, ScheduledBackend, TokenDecoder, common_prefix_len, fit_prompt
 from .prompts import ChatTemplate, build_prompt
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,8 @@ class _Slot:
     last_used: float = 0.0
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(ScheduledBackend):
     """One GGUF model in one llama.cpp context of `max_batch_sequences` sequences x `max_context` tokens."""
-
-    batches = True
 
     def __init__(self, tier: str, path: str | os.PathLike, spec: TierSpec, config: InferenceConfig, seed: int = 0):
         import llama_cpp
@@ -197,32 +195,7 @@ class LlamaCppBackend(Backend):
                                lambda completion: self._piece(completion[-1]), self._rng, self.tier, truncated)
         session = request.session_id if self.config.kv_cache_sessions > 0 else None
         job = _Job(decoder, tokens, session)
-        with self._cond:
-            if self._stopping:
-                raise RuvLLMError(f"tier {self.tier!r} is closed")
-            self._pending.append(job)
-            self._cond.notify_all()
-        finished = False
-        try:
-            while True:
-                kind, value = job.events.get()
-                if kind == "text":
-                    yield value
-                elif kind == "done":
-                    finished = True
-                    return value
-                else:
-                    finished = True
-                    raise value
-        finally:
-            if not finished:  # the consumer went away (stream closed, exception): free the sequence
-                job.abandoned = True
-                with self._cond:
-                    self._cond.notify_all()
-                # wait until the scheduler has let go of it (within one step), so the sequence is
-                # free when close() returns
-                while job.events.get()[0] not in ("done", "error"):
-                    pass
+        return (yield from self._relay(job))
 
     # ---- scheduler (worker thread; the only thread that touches the context) ------------------
     def _serve(self) -> None:

@@ -44,7 +44,7 @@ from .. import models
 from ..config import InferenceConfig
 from ..errors import ModelLoadError, RuvLLMError
 from ..models import TierSpec
-from .base import Backend, GenerationLoop, GenerationRequest, TokenDecoder, common_prefix_len, fit_prompt
+from .base import GenerationLoop, GenerationRequest, ScheduledBackend, TokenDecoder, common_prefix_len, fit_prompt
 from .prompts import ChatTemplate, build_prompt
 
 log = logging.getLogger(__name__)
@@ -207,10 +207,8 @@ class _Batch:
         self.mask = self.mask[idx, trim:]
 
 
-class TransformersBackend(Backend):
+class TransformersBackend(ScheduledBackend):
     """One HF causal LM; concurrent requests are decoded together (see the module doc)."""
-
-    batches = True
 
     def __init__(self, tier: str, path: str | os.PathLike, spec: TierSpec, config: InferenceConfig, seed: int = 0):
         import torch
@@ -311,30 +309,7 @@ class TransformersBackend(Backend):
                                list(request.stop) + format_stop, self._eog.__contains__, new_bytes, self._rng,
                                self.tier, truncated)
         job = _Job(decoder, tokens, request.session_id if self.config.kv_cache_sessions > 0 else None)
-        with self._cond:
-            if self._stopping:
-                raise RuvLLMError(f"tier {self.tier!r} is closed")
-            self._pending.append(job)
-            self._cond.notify_all()
-        finished = False
-        try:
-            while True:
-                kind, value = job.events.get()
-                if kind == "text":
-                    yield value
-                elif kind == "done":
-                    finished = True
-                    return value
-                else:
-                    finished = True
-                    raise value
-        finally:
-            if not finished:  # the consumer went away (stream closed, exception): free the row
-                job.abandoned = True
-                with self._cond:
-                    self._cond.notify_all()
-                while job.events.get()[0] not in ("done", "error"):  # the scheduler lets go within one step
-                    pass
+        return (yield from self._relay(job))
 
     # ---- scheduler (worker thread; the only thread that generates) ----------------------------
     def _serve(self) -> None:
