@@ -18,6 +18,7 @@ which the pool sets on entry, so queue wait and a lazy load count):
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 import time
 from collections import deque
@@ -27,6 +28,8 @@ from typing import Callable, Generator
 import numpy as np
 
 from ..errors import RuvLLMError
+
+log = logging.getLogger(__name__)
 
 FINISH_REASONS = ("stop", "length", "deadline", "cancelled")
 
@@ -113,9 +116,11 @@ class Backend(abc.ABC):
 
 class ScheduledBackend(Backend):
     """A backend whose scheduler thread alone runs the model (continuous batching): the caller's
-    thread queues a job and relays its events.  Subclasses set ``_cond``, ``_pending`` and
-    ``_stopping``; a job has ``events`` (a queue of ("text" | "done" | "error", value)) and
-    ``abandoned``."""
+    thread queues a job and relays its events (``_relay``); the scheduler (``_serve``) admits
+    waiting jobs into free sequences and runs one batched step at a time.  Subclasses set
+    ``_cond``, ``_pending``, ``_stopping`` and ``n_seq``, and supply ``_active_jobs``, ``_admit``,
+    ``_step``, ``_end`` and ``_finish``; a job has ``events`` (a queue of ("text" | "done" |
+    "error", value)), ``abandoned`` and ``decoder``."""
 
     batches = True
     _cond: threading.Condition
@@ -149,6 +154,45 @@ class ScheduledBackend(Backend):
                 # free when close() returns
                 while job.events.get()[0] not in ("done", "error"):
                     pass
+
+
+    def _serve(self) -> None:
+        """The scheduler thread: until close(), admit waiting jobs and run one step for all."""
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending and not self._active_jobs():
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                admitted = self._take_pending()
+            try:
+                for job in admitted:
+                    self._admit(job)
+                self._step()
+            except Exception as e:  # a failure of the batched step itself: every request in it gets the error
+                log.exception("batch step of tier %r failed", self.tier)
+                for job in self._active_jobs():
+                    self._end(job, error=e)
+        err = RuvLLMError(f"tier {self.tier!r} was closed while generating")
+        for job in self._active_jobs():
+            self._end(job, error=err)
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for job in pending:
+            job.events.put(("error", err))
+
+    def _take_pending(self) -> list:
+        """(Under the lock.)  Pop waiting jobs for the free sequences; finish those already over."""
+        free = self.n_seq - len(self._active_jobs())
+        admitted = []
+        for job in list(self._pending):
+            if job.abandoned or job.decoder.interrupt():
+                self._pending.remove(job)
+                self._finish(job, "cancelled" if job.abandoned else None)
+            elif len(admitted) < free:
+                self._pending.remove(job)
+                admitted.append(job)
+        return admitted
 
 
 def drain(loop: GenerationLoop) -> Generation:

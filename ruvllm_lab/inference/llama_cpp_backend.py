@@ -198,47 +198,15 @@ class LlamaCppBackend(ScheduledBackend):
         return (yield from self._relay(job))
 
     # ---- scheduler (worker thread; the only thread that touches the context) ------------------
-    def _serve(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and not self._pending and not any(s.job for s in self._slots):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                admitted = self._take_pending()
-            try:
-                for job in admitted:
-                    self._place(job)
-                self._step()
-            except Exception as e:  # a failure of the context itself: every request in it gets the error
-                log.exception("llama.cpp batch step failed")
-                for slot in self._slots:
-                    if slot.job is not None:
-                        self._end(slot.job, error=e)
-        err = RuvLLMError(f"tier {self.tier!r} was closed while generating")
-        for slot in self._slots:
-            if slot.job is not None:
-                self._end(slot.job, error=err)
-        with self._cond:
-            pending, self._pending = list(self._pending), deque()
-        for job in pending:
-            job.events.put(("error", err))
+    def _active_jobs(self) -> list[_Job]:
+        return [s.job for s in self._slots if s.job is not None]
 
-    def _take_pending(self) -> list[_Job]:
-        """(Under the lock.)  Pop waiting requests for the free slots; finish those already over."""
-        free = sum(s.job is None for s in self._slots)
-        admitted = []
-        for job in list(self._pending):
-            if job.abandoned or job.decoder.interrupt():
-                self._pending.remove(job)
-                self._finish_unplaced(job)
-            elif len(admitted) < free:
-                self._pending.remove(job)
-                admitted.append(job)
-        return admitted
+    def _admit(self, job: _Job) -> None:
+        self._place(job)
 
-    def _finish_unplaced(self, job: _Job) -> None:
-        tail = job.decoder.finish("cancelled" if job.abandoned else None)
+    def _finish(self, job: _Job, reason: str | None = None) -> None:
+        """End a job that never got a sequence (abandoned or interrupted while waiting)."""
+        tail = job.decoder.finish(reason)
         if tail:
             job.events.put(("text", tail))
         job.events.put(("done", job.decoder.result()))

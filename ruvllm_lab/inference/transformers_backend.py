@@ -42,7 +42,7 @@ import numpy as np
 
 from .. import models
 from ..config import InferenceConfig
-from ..errors import ModelLoadError, RuvLLMError
+from ..errors import ModelLoadError
 from ..models import TierSpec
 from .base import GenerationLoop, GenerationRequest, ScheduledBackend, TokenDecoder, common_prefix_len, fit_prompt
 from .prompts import ChatTemplate, build_prompt
@@ -312,42 +312,11 @@ class TransformersBackend(ScheduledBackend):
         return (yield from self._relay(job))
 
     # ---- scheduler (worker thread; the only thread that generates) ----------------------------
-    def _serve(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and not self._pending and not self._batch.jobs:
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                admitted = self._take_pending()
-            try:
-                for job in admitted:
-                    self._join(job)
-                self._step()
-            except Exception as e:  # a failure of the batched forward itself: every request in it gets the error
-                log.exception("transformers batch step failed")
-                for job in list(self._batch.jobs):
-                    self._end(job, error=e)
-        err = RuvLLMError(f"tier {self.tier!r} was closed while generating")
-        for job in list(self._batch.jobs):
-            self._end(job, error=err)
-        with self._cond:
-            pending, self._pending = list(self._pending), deque()
-        for job in pending:
-            job.events.put(("error", err))
+    def _active_jobs(self) -> list[_Job]:
+        return list(self._batch.jobs)
 
-    def _take_pending(self) -> list[_Job]:
-        """(Under the lock.)  Pop waiting requests for the free rows; finish those already over."""
-        free = self.n_seq - len(self._batch.jobs)
-        admitted = []
-        for job in list(self._pending):
-            if job.abandoned or job.decoder.interrupt():
-                self._pending.remove(job)
-                self._finish(job, "cancelled" if job.abandoned else None)
-            elif len(admitted) < free:
-                self._pending.remove(job)
-                admitted.append(job)
-        return admitted
+    def _admit(self, job: _Job) -> None:
+        self._join(job)
 
     def _finish(self, job: _Job, reason: str | None = None) -> None:
         tail = job.decoder.finish(reason)
