@@ -119,7 +119,7 @@ class ScheduledBackend(Backend):
     thread queues a job and relays its events (``_relay``); the scheduler (``_serve``) admits
     waiting jobs into free sequences and runs one batched step at a time.  Subclasses set
     ``_cond``, ``_pending``, ``_stopping`` and ``n_seq``, and supply ``_active_jobs``, ``_admit``,
-    ``_step``, ``_end`` and ``_finish``; a job has ``events`` (a queue of ("text" | "done" |
+    ``_step`` and ``_end``; a job has ``events`` (a queue of ("text" | "done" |
     "error", value)), ``abandoned`` and ``decoder``."""
 
     batches = True
@@ -180,6 +180,15 @@ class ScheduledBackend(Backend):
             pending, self._pending = list(self._pending), deque()
         for job in pending:
             job.events.put(("error", err))
+
+    def _finish(self, job, reason: str | None = None) -> None:
+        """Hand `job` its last text and its result (``reason`` overrides the decoder's own)."""
+        tail = job.decoder.finish(reason)
+        if tail:
+            job.events.put(("text", tail))
+        job.events.put(("done", job.decoder.result()))
+        with self._cond:
+            self._cond.notify_all()
 
     def _take_pending(self) -> list:
         """(Under the lock.)  Pop waiting jobs for the free sequences; finish those already over."""

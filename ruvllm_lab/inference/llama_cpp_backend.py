@@ -204,13 +204,6 @@ class LlamaCppBackend(ScheduledBackend):
     def _admit(self, job: _Job) -> None:
         self._place(job)
 
-    def _finish(self, job: _Job, reason: str | None = None) -> None:
-        """End a job that never got a sequence (abandoned or interrupted while waiting)."""
-        tail = job.decoder.finish(reason)
-        if tail:
-            job.events.put(("text", tail))
-        job.events.put(("done", job.decoder.result()))
-
     def _choose_slot(self, job: _Job) -> _Slot:
         free = [s for s in self._slots if s.job is None]
         if job.session is not None:

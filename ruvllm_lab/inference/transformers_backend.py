@@ -318,14 +318,6 @@ class TransformersBackend(ScheduledBackend):
     def _admit(self, job: _Job) -> None:
         self._join(job)
 
-    def _finish(self, job: _Job, reason: str | None = None) -> None:
-        tail = job.decoder.finish(reason)
-        if tail:
-            job.events.put(("text", tail))
-        job.events.put(("done", job.decoder.result()))
-        with self._cond:
-            self._cond.notify_all()
-
     def _forward(self, input_ids, cache, **kw):
         with self._model_lock, self._torch.inference_mode():
             out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache}, **self._last_logits, **kw)
