@@ -1,7 +1,7 @@
 """Soak: does a long-running server hold its memory, file descriptors and threads per query?
 
-    flock /tmp/ruvllm-heavy.lock .venv/bin/python benches/soak.py --n 1000 --warmup 100  # ~4 min on 2 cores
-    .venv/bin/python benches/soak.py --n 60 --warmup 20 --out /tmp/soak                # smoke run
+    flock /tmp/ruvllm-heavy.lock .venv/bin/python benches/soak.py --n 1550 --warmup 100  # ~5 min on 2 cores
+    .venv/bin/python benches/soak.py --n 60 --warmup 20 --warmup-cycles 0 --out /tmp/soak  # smoke run
 
 A real `ruvllm serve` (edge profile, smollm2-135m, fresh store and data dir under a temp dir, rate
 limit off) answers `--n` distinct questions one after another
@@ -17,7 +17,11 @@ cycles.
 
 Growth per query is the least-squares slope of RSS over the query count, fitted to the samples
 after warm-up: `--warmup` queries (model load, caches filling, allocator arenas settling) and the
-first learning cycle (torch's training code paged in once; its one-time step is reported); its 95 % interval
+first `--warmup-cycles` learning cycles (default 2).  The first cycle pages torch's training code in
+and starts its threads; the second is the first to replay old examples and to apply the EWC penalty
+of the first cycle's Fisher, so it runs code the first did not.  From the third on every cycle runs
+the same code.  The step of *every* cycle is reported (RSS between the samples around it), so a
+cycle that keeps adding memory shows there and in the fit.  Its 95 % interval
 is slope +- 1.96 standard errors (normal approximation over the samples; one run, one seed -- the
 samples are not independent, so read it as a fit quality, not a sampling CI).  The memory store
 itself grows by design (each answer is a node with a 384-d vector and its index links), so this
@@ -145,16 +149,19 @@ def run(args) -> dict:
         server.send_signal(signal.SIGTERM)
         rc = server.wait(timeout=600)
         log.close()
-    # Warm-up ends after --warmup queries *and* the first learning cycle: that cycle pages in torch's
-    # training code and starts its threads once per process, like the model load (its step is reported).
-    warm = next((x for x in samples if args.warmup <= x["queries"] < args.n and x.get("learning_cycles", 1) >= 1),
+    # Warm-up ends after --warmup queries *and* --warmup-cycles learning cycles (module docstring).
+    warm = next((x for x in samples if args.warmup <= x["queries"] < args.n
+                 and x.get("learning_cycles", args.warmup_cycles) >= args.warmup_cycles),
                 None) or next(x for x in samples if x["queries"] >= args.warmup)
     warmup_end = warm["queries"]
-    first = next((i for i, x in enumerate(samples) if x.get("learning_cycles", 0) >= 1), None)
-    first_cycle = None if first is None or first == 0 else {
-        "between_queries": [samples[first - 1]["queries"], samples[first]["queries"]],
-        **{f"{k}_mb": samples[first].get(f"{k}_mb", float("nan")) - samples[first - 1].get(f"{k}_mb", float("nan"))
-           for k in ("rss", *MEMORY_PARTS)}}
+    cycle_steps = []  # the memory each learning cycle added: the samples just before and just after it
+    for i in range(1, len(samples)):
+        before, after = samples[i - 1], samples[i]
+        if after.get("learning_cycles", 0) > before.get("learning_cycles", 0):
+            cycle_steps.append({"cycles": [before.get("learning_cycles", 0) + 1, after["learning_cycles"]],
+                                "between_queries": [before["queries"], after["queries"]],
+                                **{f"{k}_mb": after.get(f"{k}_mb", float("nan")) - before.get(f"{k}_mb", float("nan"))
+                                   for k in ("rss", *MEMORY_PARTS)}})
     end = samples[-1]
     fit = slope_kb(samples, warmup_end)
     # the same fit for each part of the server's memory, and RSS over each third of the measured range
@@ -167,9 +174,10 @@ def run(args) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "config": args.config, "overrides": args.set, "env": args.env, "n_queries": args.n, "warmup": args.warmup,
-        "learn_every": args.learn_every, "warmup_end_query": warmup_end, "first_learning_cycle": first_cycle,
+        "learn_every": args.learn_every, "warmup_cycles": args.warmup_cycles, "warmup_end_query": warmup_end,
+        "learning_cycle_steps": cycle_steps,
         "learning_cycles": end.get("learning_cycles"),
-        "max_tokens": args.max_tokens, "seed": args.seed, "failures": failures, "wall_s": wall,
+        "max_tokens": args.max_tokens, "sample_every": args.sample_every, "seed": args.seed, "failures": failures, "wall_s": wall,
         "server_exit_code": rc,
         "start": samples[0], "after_warmup": warm, "end": end,
         "rss_growth_kb_per_query_after_warmup": fit["kb_per_query"], "rss_growth_ci95": fit["ci95"],
@@ -194,7 +202,8 @@ def markdown(res: dict) -> str:
     return "\n".join([
         f"# Soak ({res['n_queries']} queries, edge profile, {res['date']})",
         "",
-        f"`benches/soak.py --n {res['n_queries']} --warmup {res['warmup']} --max-tokens {res['max_tokens']} "
+        f"`benches/soak.py --n {res['n_queries']} --warmup {res['warmup']} --warmup-cycles {res['warmup_cycles']} "
+        f"--max-tokens {res['max_tokens']} "
         f"--learn-every {res['learn_every']}"
         + "".join(f" --set {o}" for o in res["overrides"]) + "".join(f" --env {o}" for o in res.get("env", []))
         + f"` ({res['machine']['cpus']} CPUs; seed {res['seed']}; {res['failures']} failed queries; "
@@ -209,12 +218,17 @@ def markdown(res: dict) -> str:
         f"< {res['target_kb_per_query']:.0f} KB/query: {ok}.  By third: {thirds} KB/query.  "
         f"Open fds {res['fd_change_after_warmup']:+d}, threads {res['thread_change_after_warmup']:+d} after warm-up.",
         "",
-        f"Warm-up: {res['warmup']} queries and the first learning cycle, ended at query {res['warmup_end_query']} "
-        f"(learning cycle every {res['learn_every']} answers; {res['learning_cycles']} cycles in the run).  "
-        + (f"The first cycle (between queries {fc['between_queries'][0]} and {fc['between_queries'][1]}) added "
-           f"{fc['rss_mb']:+.1f} MB RSS once: rss_file {fc.get('rss_file_mb', float('nan')):+.1f}, malloc_in_use "
-           f"{fc.get('malloc_in_use_mb', float('nan')):+.1f}, malloc_free {fc.get('malloc_free_mb', float('nan')):+.1f} MB."
-           if (fc := res.get("first_learning_cycle")) else "No learning cycle ran during the queries."),
+        f"Warm-up: {res['warmup']} queries and {res['warmup_cycles']} learning cycles, ended at query "
+        f"{res['warmup_end_query']} (learning cycle every {res['learn_every']} answers; {res['learning_cycles']} "
+        f"cycles in the run).  Memory added by each cycle (MB between the samples around it, which also hold "
+        f"{res['sample_every']} queries of ordinary growth):",
+        "",
+        "| cycle | between queries | RSS | rss_file | malloc_in_use | malloc_free |",
+        "|---|---|---|---|---|---|",
+        *[f"| {'-'.join(map(str, sorted(set(c['cycles']))))} | {c['between_queries'][0]}-{c['between_queries'][1]} | "
+          f"{c['rss_mb']:+.1f} | {c.get('rss_file_mb', float('nan')):+.1f} | "
+          f"{c.get('malloc_in_use_mb', float('nan')):+.1f} | {c.get('malloc_free_mb', float('nan')):+.1f} |"
+          for c in res["learning_cycle_steps"]],
         "",
         f"Growth by part after warm-up (KB/query, same fit; the parts overlap: malloc and sqlite live in "
         f"rss_anon): {by_part}.",
@@ -224,9 +238,10 @@ def markdown(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=1000, help="queries")
+    p.add_argument("--n", type=int, default=1550, help="queries (the default measures ~1000 after warm-up)")
     p.add_argument("--warmup", type=int, default=100, help="queries before the growth fit starts (it also waits "
-                   "for the first learning cycle)")
+                   "for --warmup-cycles learning cycles)")
+    p.add_argument("--warmup-cycles", type=int, default=2, help="learning cycles before the growth fit starts")
     p.add_argument("--learn-every", type=int, default=250, help="learning.max_pending of the server: a learning "
                    "cycle after this many answers, so the measured part holds several cycles")
     p.add_argument("--max-tokens", type=int, default=8)

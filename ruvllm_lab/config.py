@@ -107,6 +107,12 @@ class MemoryConfig:
                                                 "default): resident memory that fills as the store is read, then stays")
     writeback_batch_size: int = _f(64, min=1)
     writeback_interval_ms: int = _f(200, min=1)
+    answer_writeback: str = _f("request", choices=("request", "queued"),
+                               doc="where an answer's interaction node is written: request = before the response "
+                                   "(the next query sees it: deterministic experiments); queued = by the writeback "
+                                   "queue after the response (off the request path; the node waits in the request "
+                                   "log, committed before the response, so a crash loses nothing; the next query "
+                                   "may not see it yet)")
 
 
 @dataclass

@@ -45,7 +45,7 @@ from .inference import InferencePool
 from .learning.judge import QualityJudge, feedback_signal
 from .learning.service import Interaction, LearningService
 from .memory import MemoryService
-from .records import REQUEST_LOG_FILE, AnsweredRecord, RequestLog
+from .records import PENDING_NODE, REQUEST_LOG_FILE, AnsweredRecord, RequestLog
 from .router import RouterInput, RoutingDecision, make_router
 from .telemetry import Metrics, release_free_heap, stage_span
 from .types import Feedback, Request, Response, Session, Source, Turn, Usage
@@ -113,6 +113,7 @@ class RuvLLM:
         self._compression_thread: threading.Thread | None = None
         self._stop_learning = threading.Event()
         self._learning_thread: threading.Thread | None = None
+        self._write_pending_notes()
         self._replay_unlearned_labels()
         if start_background_learning and config.learning.enabled:
             # our own loop rather than learning.start(): each cycle must go through self.learn(),
@@ -196,18 +197,18 @@ class RuvLLM:
             context_ids = [s.node_id for s in prep.sources]
             edges = [(i, "answered_by", self.config.memory.context_edge_weight) for i in context_ids]
             if prep.session is not None and prep.session.turns:
-                prev = self.records.get(prep.session.turns[-1].request_id)
+                prev = self._answered(prep.session.turns[-1].request_id)
                 if prev is not None:
                     edges.append((prev.interaction_id, "followed_by", self.config.memory.followup_edge_weight))
             verification, trust, verified_meta = verification_of(verdict.signals, verdict.score)
-            interaction_id = self.memory.add(
-                f"Q: {request.query}\nA: {gen.text.strip()}", kind="interaction", vector=prep.query_vec,
-                quality=trust, edges=edges,
-                metadata={"request_id": request.request_id, "tier": decision.tier, "session_id": request.session_id,
-                          "question": request.query, "verification": verification, **verified_meta,
-                          "tenant": getattr(request, "tenant", None)})
-            if context_ids:
-                self.memory.mark_used(context_ids)
+            note = {"text": f"Q: {request.query}\nA: {gen.text.strip()}", "quality": trust, "edges": edges,
+                    "context_ids": context_ids,
+                    "metadata": {"request_id": request.request_id, "tier": decision.tier,
+                                 "session_id": request.session_id, "question": request.query,
+                                 "verification": verification, **verified_meta,
+                                 "tenant": getattr(request, "tenant", None)}}
+            queued = self.config.memory.answer_writeback == "queued"
+            interaction_id = PENDING_NODE if queued else self._write_note(note, prep.query_vec)
             cost = models.resolve(decision.tier).relative_cost * (gen.prompt_tokens + gen.completion_tokens)
             router_input = {f.name: getattr(prep.router_input, f.name) for f in dataclasses.fields(prep.router_input)
                             if f.name != "query_vec"}
@@ -216,7 +217,8 @@ class RuvLLM:
                     AnsweredRecord(request.request_id, request.tenant, request.session_id, request.query, gen.text,
                                    decision.tier, interaction_id, context_ids, router_input, prep.query_vec,
                                    decision.to_dict()),
-                    label=(decision.tier, verdict.score) if verdict.known else None)
+                    label=(decision.tier, verdict.score) if verdict.known else None,
+                    pending_note=note if queued else None)
                 # No subgraph is kept: held per interaction it cost ~140 KB per request (issue 14);
                 # attention training re-expands the answer's context nodes instead.
                 self.learning.record(Interaction(
@@ -226,6 +228,8 @@ class RuvLLM:
                     # the evidence learning/outcome.py turns into the router's label; texts for shadow evaluation
                     signals={decision.tier: dict(verdict.signals)}, query=request.query, answer=gen.text,
                     gold=request.gold_answer))
+            if queued:  # after the record: the write's callback fills in the record's node id
+                self._enqueue_note(request.request_id, note, prep.query_vec)
             if prep.session is not None:
                 prep.session.turns.append(Turn(request.query, gen.text, request.request_id,
                                                prompt=prep.messages[-1]["content"]))
@@ -239,6 +243,47 @@ class RuvLLM:
             latency_ms=prep.latency_ms,
             usage=Usage(gen.prompt_tokens, gen.completion_tokens, gen.prompt_tokens_evaluated),
             session_id=request.session_id, finish_reason=gen.finish_reason)
+
+    # ---- the answer's memory node ---------------------------------------------------------------
+    def _write_note(self, note: dict, vector: np.ndarray) -> int:
+        """Write an answer's interaction node now and count its notes as used; returns the node id."""
+        node_id = self.memory.add(note["text"], kind="interaction", vector=vector, quality=note["quality"],
+                                  edges=note["edges"], metadata=note["metadata"])
+        if note["context_ids"]:
+            self.memory.mark_used(note["context_ids"])
+        return node_id
+
+    def _enqueue_note(self, request_id: str, note: dict, vector: np.ndarray) -> None:
+        """Queue the node (memory.answer_writeback = "queued"); its record learns the id once written."""
+        def written(node_id: int) -> None:  # on the writeback worker, after the node's commit
+            self.records.note_written(request_id, node_id)
+            if note["context_ids"]:
+                self.memory.mark_used(note["context_ids"])
+
+        self.memory.enqueue(note["text"], kind="interaction", vector=vector, quality=note["quality"],
+                            edges=note["edges"], metadata=note["metadata"], on_written=written)
+
+    def _answered(self, request_id: str) -> AnsweredRecord | None:
+        """The durable record of an answered request, its node written (waiting for the queue if needed)."""
+        rec = self.records.get(request_id)
+        if rec is not None and rec.interaction_id == PENDING_NODE:
+            self.memory.flush()
+            rec = self.records.get(request_id)
+        return rec
+
+    def _write_pending_notes(self) -> None:
+        """Write the nodes of answers acknowledged before a crash whose node was still queued.  Edges
+        to nodes evicted since are dropped; the question is embedded again if its record is gone."""
+        written = 0
+        for request_id, note in self.records.pending_notes():
+            rec = self.records.get(request_id)
+            vector = rec.query_vec if rec is not None else self.embedder.embed_one(note["metadata"]["question"])
+            note["edges"] = [e for e in note["edges"] if self.memory.exists(int(e[0]))]
+            note["context_ids"] = [i for i in note["context_ids"] if self.memory.exists(int(i))]
+            self.records.note_written(request_id, self._write_note(note, vector))
+            written += 1
+        if written:
+            log.info("wrote the memory nodes of %d answers acknowledged before the last stop", written)
 
     # ---- sessions and feedback ---------------------------------------------------------------
     def new_session(self, tenant: str | None = None) -> Session:
@@ -267,7 +312,7 @@ class RuvLLM:
     def feedback(self, fb: Feedback) -> dict:
         """A rating re-scores the answer (router label, edges next learning cycle); a correction is stored
         durably as a ``correction`` node linked to the question before this returns."""
-        answered = self.records.get(fb.request_id)
+        answered = self._answered(fb.request_id)
         if answered is None or answered.tenant != fb.tenant:  # another tenant's request is not found either
             raise RequestNotFound(f"no answered request {fb.request_id!r} (unknown, or older than the last "
                                   f"{self.config.system.feedback_window})")

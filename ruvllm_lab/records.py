@@ -6,6 +6,12 @@ to learn from it again (its ``RouterInput`` and ``RoutingDecision``).  Every lab
 score at answer time, a user's rating later -- is a row in ``labels`` written *before* the answer
 or the feedback is acknowledged, so a restart (graceful or ``kill -9``) loses none of them.
 
+With ``memory.answer_writeback = "queued"`` the answer's interaction node is written by the memory's
+writeback queue after the response; until it is, the answer row carries ``interaction_id`` -1 and a
+row in ``pending_notes`` holds the node to write (committed with the answer, so a crash loses
+neither).  The node's id replaces the -1 when the write commits (``note_written``); at start-up the
+rows still pending are written (``RuvLLM._write_pending_notes``).
+
 A label is *learned* once a learning cycle that drained it swapped in a trained router and saved
 the learned state; until then it is replayed into the learning service at start-up.  The
 watermark is read before a cycle drains its queue, so a label is never marked learned before it
@@ -27,6 +33,7 @@ from typing import Any
 import numpy as np
 
 REQUEST_LOG_FILE = "requests.db"
+PENDING_NODE = -1  # AnsweredRecord.interaction_id of an answer whose memory node is not written yet
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS answered (
@@ -53,6 +60,10 @@ CREATE TABLE IF NOT EXISTS labels (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS labels_unlearned ON labels (learned, seq);
+CREATE TABLE IF NOT EXISTS pending_notes (
+    request_id TEXT PRIMARY KEY,
+    note TEXT NOT NULL
+);
 """
 
 
@@ -64,7 +75,7 @@ class AnsweredRecord:
     query: str
     answer: str
     tier: str
-    interaction_id: int
+    interaction_id: int  # PENDING_NODE while the answer's node waits in the writeback queue
     context_ids: list[int]
     router_input: dict[str, Any]  # RouterInput fields except query_vec
     query_vec: np.ndarray
@@ -90,8 +101,10 @@ class RequestLog:
         self._writes = 0
 
     # ---- writing -------------------------------------------------------------------------------
-    def add_answered(self, rec: AnsweredRecord, label: tuple[str, float] | None = None) -> None:
-        """Store one answered request (and the judge's label, when it gave one) in one transaction."""
+    def add_answered(self, rec: AnsweredRecord, label: tuple[str, float] | None = None,
+                     pending_note: dict[str, Any] | None = None) -> None:
+        """Store one answered request (and the judge's label, when it gave one; and the memory node
+        still to write, when the answer's node is queued) in one transaction."""
         vec = np.asarray(rec.query_vec, dtype=np.float32)
         with self._lock:
             self._conn.execute("BEGIN")
@@ -104,6 +117,9 @@ class RequestLog:
                      json.dumps(rec.decision, default=_plain), time.time()))
                 if label is not None:
                     self._insert_label(rec.request_id, label[0], label[1], "judge")
+                if pending_note is not None:
+                    self._conn.execute("INSERT OR REPLACE INTO pending_notes VALUES (?,?)",
+                                       (rec.request_id, json.dumps(pending_note, default=_plain)))
                 self._writes += 1
                 if self._writes % 100 == 0:  # keep the last `keep` answers: feedback cannot reach older ones
                     self._conn.execute("DELETE FROM answered WHERE rowid <= (SELECT MAX(rowid) FROM answered) - ?",
@@ -112,6 +128,25 @@ class RequestLog:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+
+    def note_written(self, request_id: str, node_id: int) -> None:
+        """The answer's memory node is committed: record its id, drop the pending note."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                self._conn.execute("UPDATE answered SET interaction_id = ? WHERE request_id = ?",
+                                   (int(node_id), request_id))
+                self._conn.execute("DELETE FROM pending_notes WHERE request_id = ?", (request_id,))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def pending_notes(self) -> list[tuple[str, dict[str, Any]]]:
+        """(request id, node to write) of every answer whose memory node is not written yet, oldest first."""
+        with self._lock:
+            rows = self._conn.execute("SELECT request_id, note FROM pending_notes ORDER BY rowid").fetchall()
+        return [(request_id, json.loads(note)) for request_id, note in rows]
 
     def add_label(self, request_id: str, tier: str, score: float, source: str) -> int:
         """Store a label; returns its sequence number."""
@@ -155,9 +190,11 @@ class RequestLog:
     def counts(self) -> dict[str, int]:
         with self._lock:
             answered = self._conn.execute("SELECT COUNT(*) FROM answered").fetchone()[0]
+            pending = self._conn.execute("SELECT COUNT(*) FROM pending_notes").fetchone()[0]
             labels, unlearned = self._conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(learned = 0), 0) FROM labels").fetchone()
-        return {"answered": int(answered), "labels": int(labels), "unlearned_labels": int(unlearned)}
+        return {"answered": int(answered), "labels": int(labels), "unlearned_labels": int(unlearned),
+                "pending_notes": int(pending)}
 
     def close(self) -> None:
         with self._lock:

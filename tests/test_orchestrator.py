@@ -9,6 +9,7 @@ import pytest
 from ruvllm_lab import Config, Constraints, Feedback, Request, RuvLLM
 from ruvllm_lab.errors import ModelNotFound, Overloaded, RequestNotFound
 from ruvllm_lab.memory import MemoryService
+from ruvllm_lab.records import PENDING_NODE
 
 from .conftest import ROOT
 
@@ -21,7 +22,8 @@ def llm(tmp_path_factory):
     cfg = Config.load(ROOT / "configs/edge.toml", overrides={
         "memory.db_path": str(d / "memory.db"), "system.data_dir": str(d / "state"),
         "inference.models": ["smollm2-135m", "qwen2.5-coder-0.5b"], "inference.max_tokens": 48,
-        "inference.temperature": 0.0})
+        "inference.temperature": 0.0,
+        "memory.answer_writeback": "request"})  # these tests read an answer's node right after it
     with RuvLLM(cfg) as system:
         yield system
 
@@ -94,6 +96,23 @@ def test_every_query_is_written_back_as_an_interaction(llm):
     assert llm.memory.count("interaction") == before + 1
     node = [n for n in llm.memory.nodes("interaction") if n.metadata.get("request_id") == r.request_id]
     assert len(node) == 1 and r.text.strip()[:20] in node[0].text
+
+
+def test_a_queued_answer_node_is_written_after_the_response_and_feedback_waits_for_it(tmp_path):
+    cfg = Config.load(ROOT / "configs/edge.toml", overrides={
+        "memory.db_path": str(tmp_path / "memory.db"), "system.data_dir": str(tmp_path / "state"),
+        "memory.answer_writeback": "queued", "memory.writeback_interval_ms": 600_000})
+    with RuvLLM(cfg) as system:
+        r = system.query_with(Request("Name one planet of the solar system.", constraints=Constraints(max_tokens=8)))
+        # the queue waits for company (10 min here): the node is not written, its record says so
+        assert system.records.get(r.request_id).interaction_id == PENDING_NODE
+        assert system.records.counts()["pending_notes"] == 1
+        system.feedback(Feedback(r.request_id, rating=5))  # needs the node: the queue writes it now
+        rec = system.records.get(r.request_id)
+        node = system.memory.get(rec.interaction_id)
+        assert node.metadata["request_id"] == r.request_id and r.text.strip()[:20] in node.text
+        assert node.metadata["verification"] == "rated" and node.quality == 1.0
+        assert system.records.counts()["pending_notes"] == 0
 
 
 def test_forced_tier_bypasses_the_router(llm):

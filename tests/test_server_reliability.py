@@ -328,6 +328,44 @@ def test_labels_survive_kill_9_and_feedback_works_after_a_restart(tmp_path):
     assert (Path(again.config.system.data_dir) / STATE_FILES["router_weights"]).exists()
 
 
+def test_answer_nodes_still_queued_at_kill_9_are_written_at_the_restart(tmp_path):
+    """Issue 15: with memory.answer_writeback = queued (the edge profile) an answer's memory node is
+    written after the response; the request log holds it from the acknowledgement on."""
+    overrides = ["server.rate_limit_per_minute=0", "memory.answer_writeback=queued",
+                 "memory.writeback_interval_ms=600000"]  # the queue waits 10 min for company: nothing written
+    srv = start(tmp_path, overrides)
+    with client(srv) as c:
+        ids = [c.post("/v1/query", json={"query": f"Name a country in continent number {i}.",
+                                         "constraints": {"max_tokens": 6}}).json()["request_id"] for i in range(3)]
+    srv.proc.kill()
+    srv.proc.wait()
+    srv.log.close()
+    db = Path(srv.config.system.data_dir) / REQUEST_LOG_FILE
+    log = RequestLog(db, keep=100)
+    try:
+        assert {rid for rid, _ in log.pending_notes()} == set(ids)  # acknowledged, not yet in memory
+    finally:
+        log.close()
+
+    again = start(tmp_path, overrides)
+    try:
+        with client(again) as c:
+            assert c.post("/v1/feedback", json={"request_id": ids[0], "rating": 5}).status_code == 200
+    finally:
+        assert again.stop()
+    log = RequestLog(db, keep=100)
+    try:
+        assert log.pending_notes() == []
+        nodes = {rid: log.get(rid).interaction_id for rid in ids}
+    finally:
+        log.close()
+    with MemoryService(again.config.memory, again.config.embedding.dimension) as mem:
+        for rid, node_id in nodes.items():
+            node = mem.get(node_id)
+            assert node.kind == "interaction" and node.metadata["request_id"] == rid
+        assert mem.get(nodes[ids[0]]).metadata["verification"] == "rated"
+
+
 # ---- 10. bounded memory per request ------------------------------------------------------------------------------------------
 def test_the_learning_service_keeps_no_subgraph_per_request(edge_config):
     from ruvllm_lab import RuvLLM

@@ -164,8 +164,9 @@ def run(config: Config, tiers: Sequence[str] | None = None, seeds: Sequence[int]
     # Without prefix reuse a greedy answer depends on its prompt alone, not on which prompt a KV slot
     # held before (llama.cpp's rounding changes with the evaluated chunk): identical prompts in two
     # arms then give identical answers, and every difference between arms is the memory's doing.
+    # Answers are written before the next question is asked (a queued write might not be there yet).
     config = config.with_overrides({"inference.max_loaded_models": len(config.inference.models),
-                                    "inference.prefix_reuse": False,
+                                    "inference.prefix_reuse": False, "memory.answer_writeback": "request",
                                     "learning.enabled": False, "compression.enabled": False})
     config = log_experiment(tracker, config, {k: v for k, v in params.items() if k != "n_seeds"})
     rows_eval = load_memory_eval(data_path, "eval")

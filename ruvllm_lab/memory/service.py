@@ -39,12 +39,13 @@ Contracts
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -55,6 +56,8 @@ from .backend import MemoryBackend, SqliteBackend, open_backend
 from .graph_store import GraphStore, NewNode, Node, check_edge, check_kind
 from .vectors import VectorIndex
 from .writeback import WritebackQueue
+
+log = logging.getLogger(__name__)
 
 VALUE_WEIGHTS = (0.4, 0.3, 0.3)  # quality, use, recency
 VALUE_USE_SATURATION = 100  # uses at which the use term reaches 1
@@ -89,6 +92,7 @@ class _Pending:
     quality: float
     edges: list[tuple[int, str, float]]
     created_at: float
+    on_written: Callable[[int], None] | None = None  # told the node's id once it is committed
 
 
 class MemoryService:
@@ -184,10 +188,13 @@ class MemoryService:
         return self._write_batch([item])[0]
 
     def enqueue(self, text: str, kind: str = "interaction", metadata: dict | None = None, vector: Any = None,
-                edges: Sequence[tuple[int, str, float]] | None = None, quality: float = 0.5) -> None:
-        """Validate now, write later: the background worker embeds and inserts in batches."""
+                edges: Sequence[tuple[int, str, float]] | None = None, quality: float = 0.5,
+                on_written: Callable[[int], None] | None = None) -> None:
+        """Validate now, write later: the background worker embeds and inserts in batches, then calls
+        `on_written(node_id)` (on the worker thread; an exception there is logged, the write stands)."""
         self._ensure_open()
         item = self._pending(text, kind, metadata, vector, quality, edges)
+        item.on_written = on_written
         with self._lock:
             if self._writeback is None:
                 self._writeback = WritebackQueue(self._write_batch, self.config.writeback_batch_size,
@@ -229,6 +236,12 @@ class MemoryService:
                     node = NewNode(it.text, it.kind, it.vector, it.metadata, it.quality, edges, it.created_at)
                     ids.extend(self.backend.insert_nodes([node], now=now))
             self._enforce_capacity(now)
+        for it, node_id in zip(items, ids):
+            if it.on_written is not None:
+                try:
+                    it.on_written(node_id)
+                except Exception:  # noqa: BLE001 - the node is committed; the caller's bookkeeping failed
+                    log.exception("on_written callback for node %d failed", node_id)
         return ids
 
     def add_edge(self, src: int, dst: int, type: str, weight: float = 0.5) -> None:
@@ -317,6 +330,11 @@ class MemoryService:
     def get(self, node_id: int) -> Node:
         with self._lock:
             return self.backend.get(node_id)
+
+    def exists(self, node_id: int) -> bool:
+        """Whether node `node_id` is in the store (archived ones too)."""
+        with self._lock:
+            return int(node_id) in self.backend.get_many([int(node_id)])
 
     def vector(self, node_id: int) -> np.ndarray:
         """(D,) float32 unit vector of a node (archived ones too)."""

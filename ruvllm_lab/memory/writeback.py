@@ -6,7 +6,9 @@ of up to ``batch_size`` -- waiting at most ``interval_ms`` after the first item 
 and hands each batch to ``write_batch`` (one SQLite transaction, one batched embedding call).
 
 ``flush()`` blocks until every item enqueued before the call is written and re-raises a
-write error as ``MemoryStoreError``; ``close()`` flushes and stops the worker.
+write error as ``MemoryStoreError``; it also cuts the worker's wait short, so a reader that needs a
+write (feedback on an answer whose node is still queued) waits for the write, not for the interval.
+``close()`` flushes and stops the worker.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..errors import MemoryStoreError
 log = logging.getLogger(__name__)
 
 _STOP = object()
+_FLUSH = object()  # ends the batch being collected: write it now
 
 
 class WritebackQueue:
@@ -52,6 +55,13 @@ class WritebackQueue:
         """Wait until everything enqueued so far is written; raises the first write error since the last flush."""
         with self._cond:
             target = self._enqueued
+            behind = self._done < target
+        if behind:
+            try:
+                self._queue.put_nowait(_FLUSH)
+            except queue.Full:  # a full queue makes full batches: the worker is not waiting anyway
+                pass
+        with self._cond:
             ok = self._cond.wait_for(lambda: self._done >= target or not self._thread.is_alive(), timeout)
             errors, self._errors = self._errors, []
         if errors:
@@ -86,6 +96,8 @@ class WritebackQueue:
             first = self._queue.get()
             if first is _STOP:
                 break
+            if first is _FLUSH:
+                continue
             batch = [first]
             deadline = time.monotonic() + self.interval_s
             while len(batch) < self.batch_size:
@@ -97,6 +109,8 @@ class WritebackQueue:
                     break
                 if item is _STOP:
                     stop = True
+                    break
+                if item is _FLUSH:
                     break
                 batch.append(item)
             self._write(batch)
