@@ -485,7 +485,8 @@ class TreeRetriever:
 
             c = self.memory.config
             ids = np.asarray(sorted(self.text), np.int64)
-            index = VectorIndex(self.memory.dimension, c.hnsw_m, c.hnsw_ef_construction, c.hnsw_ef_search)
+            index = VectorIndex(self.memory.dimension, c.hnsw_m, c.hnsw_ef_construction, c.hnsw_ef_search,
+                                c.index_threads)
             index.add(ids, self.memory.store.vectors(ids.tolist()))
             self._collapsed = index
         return self._collapsed

@@ -43,6 +43,10 @@ class SystemConfig:
     device_class: str = _f("edge", choices=("edge", "server", "gpu"))
     max_memory_mb: int = _f(2048, min=64, doc="memory budget for loaded models (MB)")
     max_concurrent_requests: int = _f(2, min=1)
+    torch_threads: int = _f(1, min=0, doc="intra-op threads of torch in a RuvLLM process: router, graph attention, "
+                                          "learning cycles (0 = torch's default, one per core).  More than 1 sets "
+                                          "torch's OpenMP team against llama.cpp's decode threads: on 2 cores one "
+                                          "2-thread torch call left every later decode step ~45 % slower")
     data_dir: str = _f("data/runtime", doc="router weights, EWC state, replay buffer live here")
     cache_dir: str = _f("~/.cache/ruvllm_lab", doc="experiment caches (the routing outcome matrix under "
                                                    "outcomes/), outside the source tree; '~' is expanded")
@@ -89,6 +93,9 @@ class MemoryConfig:
     hnsw_m: int = _f(16, min=2, max=256)
     hnsw_ef_construction: int = _f(100, min=1)
     hnsw_ef_search: int = _f(32, min=1)
+    index_threads: int = _f(1, min=0, doc="OpenMP threads of faiss adds and searches (0 = OpenMP's default, one per "
+                                          "core).  More than 1 sets an OpenMP team against llama.cpp's decode threads: "
+                                          "on 2 cores one 2-thread search left every later decode step ~45 % slower")
     max_nodes: int = _f(100_000, min=1)
     expansion_hops: int = _f(1, min=0, max=5)
     expansion_max_nodes: int = _f(50, min=1)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
+import torch
 
 from . import models
 from .attention import GraphAttentionEngine
@@ -81,6 +82,8 @@ class RuvLLM:
         if not isinstance(config, Config):
             config = Config.load(config)
         self.config = config
+        if config.system.torch_threads > 0:  # process-wide (config doc)
+            torch.set_num_threads(config.system.torch_threads)
         dim = config.embedding.dimension
         Path(config.system.data_dir).mkdir(parents=True, exist_ok=True)
         self._owns_pool = pool is None

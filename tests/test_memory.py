@@ -555,3 +555,30 @@ def test_text_memory_with_real_embeddings(tmp_path, minilm):
         linked = {(e.src, e.dst) for e in m.edges()}
         assert (ids[4], ids[1]) in linked
         assert not any(ids[2] in pair for pair in linked)
+
+
+def test_index_searches_and_adds_run_with_the_configured_openmp_threads():
+    """memory.index_threads: OpenMP keeps its thread count per calling thread, so the index sets it on
+    every call, whichever thread (request, writeback worker) makes it (benches/decode_interference.py)."""
+    import threading
+
+    import faiss
+
+    from ruvllm_lab.memory.vectors import VectorIndex, clustered_unit_vectors
+
+    vectors = clustered_unit_vectors(200, 16, clusters=4, seed=0)
+    index = VectorIndex(16, threads=1)
+    seen = {}
+
+    def work():
+        faiss.omp_set_num_threads(2)  # what this thread had before
+        index.add(np.arange(200), vectors)
+        seen["after_add"] = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(2)
+        index.search(vectors[:1], 3)
+        seen["after_search"] = faiss.omp_get_max_threads()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert seen == {"after_add": 1, "after_search": 1}

@@ -240,3 +240,9 @@ def test_demo_runs_the_loop_and_uses_the_correction(tmp_path, capsys):
     assert "overall: healthy" in out
     if "nothing to correct" not in out:  # a real mistake was corrected: the paraphrase must retrieve it
         assert "'correction_node':" in out and "correction retrieved: True" in out
+
+
+def test_torch_runs_with_the_configured_threads(llm):
+    """system.torch_threads: torch's OpenMP team would otherwise slow llama.cpp's decode steps."""
+    import torch
+    assert torch.get_num_threads() == llm.config.system.torch_threads == 1

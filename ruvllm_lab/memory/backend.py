@@ -172,7 +172,7 @@ class SqliteBackend:
 
     def _new_index(self) -> VectorIndex:
         c = self.config
-        return VectorIndex(self.dimension, c.hnsw_m, c.hnsw_ef_construction, c.hnsw_ef_search)
+        return VectorIndex(self.dimension, c.hnsw_m, c.hnsw_ef_construction, c.hnsw_ef_search, c.index_threads)
 
     def _open_index(self) -> VectorIndex:
         """The saved index reconciled with SQLite (see ``MemoryService``'s contract), or a rebuilt one."""
@@ -182,7 +182,7 @@ class SqliteBackend:
             meta = json.loads(self._sidecar().read_text())
             if meta.get("store_uuid") == self.store.store_uuid:
                 index = VectorIndex.load(self.index_path, self.dimension, c.hnsw_m, c.hnsw_ef_construction,
-                                         c.hnsw_ef_search)
+                                         c.hnsw_ef_search, c.index_threads)
         except (OSError, ValueError):
             index = None
         active_ids, active_vecs = self.store.active_vectors()

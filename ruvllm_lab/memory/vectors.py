@@ -31,13 +31,20 @@ def index_path_for(db_path: str | os.PathLike) -> Path:
 
 class VectorIndex:
     def __init__(self, dimension: int, m: int = 16, ef_construction: int = 100, ef_search: int = 32,
-                 _index: faiss.IndexIDMap2 | None = None):
+                 threads: int = 0, _index: faiss.IndexIDMap2 | None = None):
+        """`threads`: OpenMP threads of this index's adds and searches (``memory.index_threads``; 0 =
+        OpenMP's default).  Set per call, since OpenMP keeps the setting per calling thread."""
         self.dimension = int(dimension)
+        self.threads = int(threads)
         self.m = int(m)
         self.ef_construction = int(ef_construction)
         self.ef_search = int(ef_search)
         self.index = _index if _index is not None else self._empty()
         self.tombstones: set[int] = set()
+
+    def _limit_threads(self) -> None:
+        if self.threads > 0:
+            faiss.omp_set_num_threads(self.threads)
 
     def _empty(self) -> faiss.IndexIDMap2:
         hnsw = faiss.IndexHNSWFlat(self.dimension, self.m, faiss.METRIC_INNER_PRODUCT)
@@ -91,6 +98,7 @@ class VectorIndex:
         revived = self.tombstones.intersection(ids.tolist())
         if revived:  # re-adding a removed id (un-archive): compact first so the id is unique again
             self.rebuild()
+        self._limit_threads()
         self.index.add_with_ids(vectors, ids)
 
     def remove(self, ids) -> None:
@@ -107,6 +115,7 @@ class VectorIndex:
         self.index = self._empty()
         self.tombstones = set()
         if len(keep_ids):
+            self._limit_threads()
             self.index.add_with_ids(vectors, keep_ids)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
@@ -127,6 +136,7 @@ class VectorIndex:
         params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
         if sel is not None:
             params.sel = sel
+        self._limit_threads()
         scores, ids = self.index.search(queries, k, params=params)
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         return scores, ids.astype(np.int64)
@@ -142,7 +152,7 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, dimension: int, m: int, ef_construction: int,
-             ef_search: int) -> "VectorIndex | None":
+             ef_search: int, threads: int = 0) -> "VectorIndex | None":
         """The saved index, or None when it is missing, unreadable or built with other settings."""
         path = Path(path)
         if not path.exists():
@@ -160,7 +170,7 @@ class VectorIndex:
         if int(inner.hnsw.nb_neighbors(1)) != m:
             return None
         inner.hnsw.efSearch = ef_search
-        return cls(dimension, m, ef_construction, ef_search, _index=index)
+        return cls(dimension, m, ef_construction, ef_search, threads, _index=index)
 
 
 def clustered_unit_vectors(n: int, dimension: int, clusters: int = 100, spread: float = 1.0,
