@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -59,6 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from ruvllm_lab import Config, Constraints, Request, RuvLLM, workloads  # noqa: E402
 from ruvllm_lab.embedding import EmbeddingService  # noqa: E402
 from ruvllm_lab.inference import InferencePool  # noqa: E402
+from ruvllm_lab.telemetry import release_free_heap  # noqa: E402
 from ruvllm_lab.errors import Overloaded  # noqa: E402
 
 TARGETS = {"p50_ms": 500.0, "p99_ms": 2000.0, "qps": 20.0, "peak_rss_mb": 4096.0}  # seed, edge (4 GB)
@@ -372,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"overhead P50 {r['overhead_p50_ms']:.1f} ms, rejected {r['rejected']}", flush=True)
                 llm.memory.flush()
                 nodes_after, edges_after = llm.memory.count(), llm.memory.stats()["edges"]
+            # hand this level's store and index back before the next opens its copy: the peak RSS below
+            # is then one serving process's, not five stores'
+            del llm
+            gc.collect()
+            release_free_heap()
             shutil.rmtree(level_dir)
         batching = {t: b.batch_stats() for t, b in pool._resident.items() if hasattr(b, "batch_stats")}
         pool.close()
