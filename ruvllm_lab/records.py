@@ -10,7 +10,9 @@ With ``memory.answer_writeback = "queued"`` the answer's interaction node is wri
 writeback queue after the response; until it is, the answer row carries ``interaction_id`` -1 and a
 row in ``pending_notes`` holds the node to write (committed with the answer, so a crash loses
 neither).  The node's id replaces the -1 when the write commits (``note_written``); at start-up the
-rows still pending are written (``RuvLLM._write_pending_notes``).
+rows still pending are written (``RuvLLM._write_pending_notes``).  The node and ``note_written`` are
+two commits in two files: a crash between them writes the node a second time at start-up (at least
+once, never zero times).
 
 A label is *learned* once a learning cycle that drained it swapped in a trained router and saved
 the learned state; until then it is replayed into the learning service at start-up.  The
