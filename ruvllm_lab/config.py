@@ -46,7 +46,8 @@ class SystemConfig:
     torch_threads: int = _f(1, min=0, doc="intra-op threads of torch in a RuvLLM process: router, graph attention, "
                                           "learning cycles (0 = torch's default, one per core).  More than 1 sets "
                                           "torch's OpenMP team against llama.cpp's decode threads: on 2 cores one "
-                                          "2-thread torch call left every later decode step ~45 % slower")
+                                          "2-thread torch call left every later decode step 40-90 % slower "
+                                          "(benches/decode_interference.py)")
     data_dir: str = _f("data/runtime", doc="router weights, EWC state, replay buffer live here")
     cache_dir: str = _f("~/.cache/ruvllm_lab", doc="experiment caches (the routing outcome matrix under "
                                                    "outcomes/), outside the source tree; '~' is expanded")
@@ -95,7 +96,8 @@ class MemoryConfig:
     hnsw_ef_search: int = _f(32, min=1)
     index_threads: int = _f(1, min=0, doc="OpenMP threads of faiss adds and searches (0 = OpenMP's default, one per "
                                           "core).  More than 1 sets an OpenMP team against llama.cpp's decode threads: "
-                                          "on 2 cores one 2-thread search left every later decode step ~45 % slower")
+                                          "on 2 cores the memory service's adds and searches at 2 threads left every "
+                                          "later decode step ~40 % slower (benches/decode_interference.py)")
     max_nodes: int = _f(100_000, min=1)
     expansion_hops: int = _f(1, min=0, max=5)
     expansion_max_nodes: int = _f(50, min=1)
