@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -114,13 +115,22 @@ class Backend(abc.ABC):
         """Free the model; the backend is unusable afterwards."""
 
 
+@dataclass(eq=False)
+class ScheduledJob:
+    """One request inside a ScheduledBackend's scheduler (backends add their own placement fields)."""
+    decoder: TokenDecoder
+    prompt: list[int]
+    session: str | None
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ("text", str) | ("done", Generation) | ("error", exc)
+    abandoned: bool = False  # the consumer closed the stream
+
+
 class ScheduledBackend(Backend):
     """A backend whose scheduler thread alone runs the model (continuous batching): the caller's
-    thread queues a job and relays its events (``_relay``); the scheduler (``_serve``) admits
-    waiting jobs into free sequences and runs one batched step at a time.  Subclasses set
-    ``_cond``, ``_pending``, ``_stopping`` and ``n_seq``, and supply ``_active_jobs``, ``_admit``,
-    ``_step`` and ``_end``; a job has ``events`` (a queue of ("text" | "done" |
-    "error", value)), ``abandoned`` and ``decoder``."""
+    thread queues a job (a ``ScheduledJob``) and relays its events (``_relay``); the scheduler
+    (``_serve``) admits waiting jobs into free sequences and runs one batched step at a time.
+    Subclasses set ``_cond``, ``_pending``, ``_stopping`` and ``n_seq``, and supply
+    ``_active_jobs``, ``_admit``, ``_step`` and ``_end``."""
 
     batches = True
     _cond: threading.Condition

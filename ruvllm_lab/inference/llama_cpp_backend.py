@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -35,7 +34,8 @@ import numpy as np
 from ..config import InferenceConfig
 from ..errors import ModelLoadError, RuvLLMError
 from ..models import TierSpec, read_gguf_header
-from .base import GenerationLoop, GenerationRequest, ScheduledBackend, TokenDecoder, common_prefix_len, fit_prompt
+from .base import (GenerationLoop, GenerationRequest, ScheduledBackend, ScheduledJob, TokenDecoder,
+                   common_prefix_len, fit_prompt)
 from .prompts import ChatTemplate, build_prompt
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,10 @@ def check_gguf_file(tier: str, path: Path, expected_size: int | None = None) -> 
 
 
 @dataclass(eq=False)
-class _Job:
-    """One request inside the scheduler."""
-    decoder: TokenDecoder
-    prompt: list[int]
-    session: str | None
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ("text", str) | ("done", Generation) | ("error", exc)
+class _Job(ScheduledJob):
+    """One request inside the scheduler, and the sequence (slot) it decodes in."""
     slot: "_Slot | None" = None
     fed: int = 0  # prompt tokens in the slot's KV so far
-    abandoned: bool = False  # the consumer closed the stream
 
 
 @dataclass(eq=False)
@@ -277,12 +272,7 @@ class LlamaCppBackend(ScheduledBackend):
             job.decoder.finish("cancelled")
             job.events.put(("error", error))
             return
-        tail = job.decoder.finish("cancelled" if job.abandoned else None)
-        if tail:
-            job.events.put(("text", tail))
-        job.events.put(("done", job.decoder.result()))
-        with self._cond:
-            self._cond.notify_all()
+        self._finish(job, "cancelled" if job.abandoned else None)
 
     def _step(self) -> None:
         """One llama_decode over every sequence that has work."""

@@ -30,12 +30,11 @@ import inspect
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import threading
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,8 @@ from .. import models
 from ..config import InferenceConfig
 from ..errors import ModelLoadError
 from ..models import TierSpec
-from .base import GenerationLoop, GenerationRequest, ScheduledBackend, TokenDecoder, common_prefix_len, fit_prompt
+from .base import (GenerationLoop, GenerationRequest, ScheduledBackend, ScheduledJob, TokenDecoder,
+                   common_prefix_len, fit_prompt)
 from .prompts import ChatTemplate, build_prompt
 
 log = logging.getLogger(__name__)
@@ -151,14 +151,9 @@ def _left_pad(t, width: int):
 
 
 @dataclass(eq=False)
-class _Job:
-    """One request inside the scheduler."""
-    decoder: TokenDecoder
-    prompt: list[int]
-    session: str | None
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ("text", s) | ("done", g) | ("error", e)
+class _Job(ScheduledJob):
+    """One request inside the scheduler, and how many cells its batch row holds."""
     length: int = 0  # tokens of this request in the KV cache (its row's real cells)
-    abandoned: bool = False  # the consumer closed the stream
 
 
 class _Batch:
