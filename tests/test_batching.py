@@ -7,20 +7,19 @@
 """
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from ruvllm_lab.config import InferenceConfig, SystemConfig
 from ruvllm_lab.inference import InferencePool
-from ruvllm_lab.inference.base import GenerationRequest, drain
-from ruvllm_lab.inference.prompts import normalize_messages
 
-SMALL = "smollm2-135m"
+from .batching_contract import (SMALL, STORY, check_batched_answers_equal_unbatched_ones,
+                                check_early_ends_free_their_sequence_and_spare_the_others, greedy)
+
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?",
              "Write one sentence about the sea.", "Who wrote Hamlet?", "What do bees make?"]
-STORY = "Write a long story about a dragon who learns to cook."
+MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -32,82 +31,20 @@ def pool():
     p.close()
 
 
-def backend(pool):
-    pool.generate(SMALL, "Hi", temperature=0.0, max_tokens=1)  # loaded
-    return pool._resident[SMALL]
-
-
-def greedy(pool, prompt, **kw):
-    return pool.generate(SMALL, prompt, temperature=0.0, max_tokens=kw.pop("max_tokens", 24), logprobs=True, **kw)
-
-
-def same_answer(a, b) -> bool:
-    return (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, b.finish_reason)
-
-
 def test_batched_answers_equal_unbatched_ones_token_for_token(pool):
-    b = backend(pool)
-    alone = [greedy(pool, q) for q in QUESTIONS]  # one at a time: every step holds one sequence
-    peak_before = b.peak_sequences
-    with ThreadPoolExecutor(len(QUESTIONS)) as ex:  # 6 requests for 4 sequences: two join mid-flight
-        together = list(ex.map(lambda q: greedy(pool, q), QUESTIONS))
-    assert peak_before == 1 and b.peak_sequences >= 2, "the concurrent requests were never decoded in one batch"
-    for q, a, t in zip(QUESTIONS, alone, together):
-        assert same_answer(a, t), (q, a.text, t.text)
-        assert len(t.logprobs) == t.completion_tokens
-        assert t.logprobs == pytest.approx(a.logprobs, abs=1e-3)
-    assert b.busy_sequences() == 0
+    check_batched_answers_equal_unbatched_ones(pool, QUESTIONS, MAX_TOKENS)  # 6 requests for 4 sequences
 
 
 def test_system_prompt_prefix_is_computed_once_and_reused(pool):
     system = {"role": "system", "content": "You are a terse assistant. Answer in as few words as possible."}
-    first = greedy(pool, [system, {"role": "user", "content": "Capital of Italy?"}], max_tokens=4)
-    second = greedy(pool, [system, {"role": "user", "content": "Capital of Spain?"}], max_tokens=4)
+    first = greedy(pool, [system, {"role": "user", "content": "Capital of Italy?"}], 4)
+    second = greedy(pool, [system, {"role": "user", "content": "Capital of Spain?"}], 4)
     assert first.prompt_tokens_evaluated <= first.prompt_tokens
     assert 0 < second.prompt_tokens_evaluated < second.prompt_tokens - 10  # the shared system turn was cached
 
 
 def test_deadline_cancel_disconnect_and_error_free_their_sequence_and_spare_the_others(pool):
-    b = backend(pool)
-    story_alone = greedy(pool, STORY, max_tokens=48)
-    colors_alone = greedy(pool, "Name three colors.")
-
-    with pool.stream(SMALL, STORY, temperature=0.0, max_tokens=48, logprobs=True) as story:
-        first = next(story)  # the story is decoding now; everything below joins its batch
-        # deadline: spent before its prompt could be evaluated
-        late = pool.generate(SMALL, "Name three colors.", temperature=0.0, max_tokens=24, max_latency_ms=1)
-        assert late.finish_reason == "deadline" and late.completion_tokens == 0
-        # cancellation (the server sets the event when the client disconnects)
-        cancel = threading.Event()
-        stream = pool.stream(SMALL, "Name three colors.", temperature=0.0, max_tokens=24, cancel=cancel)
-        got = next(stream)
-        cancel.set()
-        rest = "".join(stream)
-        assert stream.result.finish_reason == "cancelled"
-        assert stream.result.completion_tokens < colors_alone.completion_tokens
-        assert colors_alone.text.startswith(got + rest)
-        # the consumer fails mid-stream: closing the stream frees the sequence
-        with pytest.raises(RuntimeError, match="consumer failed"):
-            with pool.stream(SMALL, "Who wrote Hamlet?", temperature=0.0, max_tokens=24) as doomed:
-                next(doomed)
-                raise RuntimeError("consumer failed")
-        # an error inside the decode step of one request (a NaN temperature breaks its sampler)
-        bad = GenerationRequest(messages=normalize_messages("What do bees make?"), max_tokens=8,
-                                temperature=float("nan"), top_p=1.0)
-        with pytest.raises(ValueError):
-            drain(b.run(bad))
-        # meanwhile a normal request decoded beside the story is unaffected
-        colors = greedy(pool, "Name three colors.")
-        assert same_answer(colors, colors_alone)
-        story_text = first + "".join(story)
-        assert b.peak_sequences >= 2
-    assert story_text == story_alone.text and same_answer(story.result, story_alone)
-    assert b.busy_sequences() == 0
-    # every sequence is usable again: as many concurrent requests as sequences, all answered as alone
-    with ThreadPoolExecutor(4) as ex:
-        again = list(ex.map(lambda q: greedy(pool, q), QUESTIONS[:4]))
-    for q, g in zip(QUESTIONS[:4], again):
-        assert same_answer(g, greedy(pool, q)), q
+    check_early_ends_free_their_sequence_and_spare_the_others(pool, QUESTIONS, story_tokens=48, max_tokens=MAX_TOKENS)
 
 
 def test_session_turns_keep_their_prefix_while_other_requests_run(pool):
@@ -115,7 +52,8 @@ def test_session_turns_keep_their_prefix_while_other_requests_run(pool):
     first = greedy(pool, turn1, max_tokens=12, session_id="fruit")
     turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a vegetable?"}]
     with ThreadPoolExecutor(4) as ex:  # other sessions and anonymous requests take sequences meanwhile
-        list(ex.map(lambda i: greedy(pool, QUESTIONS[i], session_id=f"other{i}" if i % 2 else None), range(5)))
+        list(ex.map(lambda i: greedy(pool, QUESTIONS[i], MAX_TOKENS, session_id=f"other{i}" if i % 2 else None),
+                    range(5)))
     warm = greedy(pool, turn2, max_tokens=12, session_id="fruit")
     cold = greedy(pool, turn2, max_tokens=12)
     assert warm.prompt_tokens == cold.prompt_tokens

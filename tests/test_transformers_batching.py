@@ -12,23 +12,20 @@ path (bf16) is not exercised here: no GPU on this machine.
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
 from ruvllm_lab.config import InferenceConfig, SystemConfig
 from ruvllm_lab.inference import InferencePool
-from ruvllm_lab.inference.base import GenerationRequest, drain
-from ruvllm_lab.inference.prompts import normalize_messages
+
+from .batching_contract import (SMALL, STORY, check_batched_answers_equal_unbatched_ones,
+                                check_early_ends_free_their_sequence_and_spare_the_others, greedy, same_answer)
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
-SMALL = "smollm2-135m"
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?",
              "Write one sentence about the sea and the wind over it at night.", "Who wrote Hamlet?",
              "What do bees make?"]
-STORY = "Write a long story about a dragon who learns to cook."
+MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
@@ -40,75 +37,12 @@ def pool():
     p.close()
 
 
-def backend(pool):
-    pool.generate(SMALL, "Hi", temperature=0.0, max_tokens=1)  # loaded
-    return pool._resident[SMALL]
-
-
-def greedy(pool, prompt, **kw):
-    return pool.generate(SMALL, prompt, temperature=0.0, max_tokens=kw.pop("max_tokens", 16), logprobs=True, **kw)
-
-
-def same_answer(a, b) -> bool:
-    return (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, b.finish_reason)
-
-
 def test_batched_answers_equal_unbatched_ones_token_for_token(pool):
-    b = backend(pool)
-    assert b.batches
-    alone = [greedy(pool, q) for q in QUESTIONS]  # one at a time: every step holds one sequence
-    peak_before = b.peak_sequences
-    with ThreadPoolExecutor(len(QUESTIONS)) as ex:  # 6 requests for 4 rows: two join mid-flight
-        together = list(ex.map(lambda q: greedy(pool, q), QUESTIONS))
-    assert peak_before == 1 and b.peak_sequences >= 2, "the concurrent requests were never decoded in one batch"
-    for q, a, t in zip(QUESTIONS, alone, together):
-        assert same_answer(a, t), (q, a.text, t.text)
-        assert len(t.logprobs) == t.completion_tokens
-        assert t.logprobs == pytest.approx(a.logprobs, abs=1e-3)
-    assert b.busy_sequences() == 0
+    check_batched_answers_equal_unbatched_ones(pool, QUESTIONS, MAX_TOKENS)  # 6 requests for 4 rows
 
 
 def test_deadline_cancel_disconnect_and_error_free_their_row_and_spare_the_others(pool):
-    b = backend(pool)
-    story_alone = greedy(pool, STORY, max_tokens=40)
-    colors_alone = greedy(pool, "Name three colors.")
-
-    with pool.stream(SMALL, STORY, temperature=0.0, max_tokens=40, logprobs=True) as story:
-        first = next(story)  # the story is decoding now; everything below joins its batch
-        # deadline: spent before its prompt could be evaluated
-        late = pool.generate(SMALL, "Name three colors.", temperature=0.0, max_tokens=16, max_latency_ms=1)
-        assert late.finish_reason == "deadline" and late.completion_tokens == 0
-        # cancellation (the server sets the event when the client disconnects)
-        cancel = threading.Event()
-        stream = pool.stream(SMALL, "Name three colors.", temperature=0.0, max_tokens=16, cancel=cancel)
-        got = next(stream)
-        cancel.set()
-        rest = "".join(stream)
-        assert stream.result.finish_reason == "cancelled"
-        assert stream.result.completion_tokens < colors_alone.completion_tokens
-        assert colors_alone.text.startswith(got + rest)
-        # the consumer fails mid-stream: closing the stream frees the row
-        with pytest.raises(RuntimeError, match="consumer failed"):
-            with pool.stream(SMALL, "Who wrote Hamlet?", temperature=0.0, max_tokens=16) as doomed:
-                next(doomed)
-                raise RuntimeError("consumer failed")
-        # an error inside one request's step (a NaN temperature breaks its sampler)
-        bad = GenerationRequest(messages=normalize_messages("What do bees make?"), max_tokens=8,
-                                temperature=float("nan"), top_p=1.0)
-        with pytest.raises(ValueError):
-            drain(b.run(bad))
-        # meanwhile a normal request decoded beside the story is unaffected
-        colors = greedy(pool, "Name three colors.")
-        assert same_answer(colors, colors_alone)
-        story_text = first + "".join(story)
-        assert b.peak_sequences >= 2
-    assert story_text == story_alone.text and same_answer(story.result, story_alone)
-    assert b.busy_sequences() == 0
-    # every row is usable again: as many concurrent requests as rows, all answered as alone
-    with ThreadPoolExecutor(4) as ex:
-        again = list(ex.map(lambda q: greedy(pool, q), QUESTIONS[:4]))
-    for q, g in zip(QUESTIONS[:4], again):
-        assert same_answer(g, greedy(pool, q)), q
+    check_early_ends_free_their_sequence_and_spare_the_others(pool, QUESTIONS, story_tokens=40, max_tokens=MAX_TOKENS)
 
 
 def test_session_turns_keep_their_prefix_while_other_requests_share_the_batch(pool):
