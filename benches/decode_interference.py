@@ -6,7 +6,9 @@ at 1 thread) writing 3000 nodes through its writeback worker and answering 5 sea
 ``memory.index_threads = THREADS`` (0 = OpenMP's default, one per core), or nothing; then generate
 16 greedy tokens for 4 questions x 4 rounds (the first round is not counted) and time every
 ``llama_decode`` call.  The cases run `--repeats` times in turn (a 2-vCPU VM is noisy).  Reported:
-the mean decode step after the prompt (ms per token), P50 over every counted generation of a case.
+the mean decode step after the prompt (ms per token), P50 over every counted generation of a case
+with its 95 % CI (sign-test order statistics, ``experiments.metrics.median_ci``; the generations of
+one process are not independent, so read it as within-case spread).
 The serving process limits both libraries with ``system.torch_threads`` and
 ``memory.index_threads`` (default 1) because of what this measures.  Writes
 ``benches/results/decode_interference.{md,json}``.
@@ -29,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ruvllm_lab.experiments.metrics import median_ci  # noqa: E402
 
 CASES = [("nothing", 0), ("torch", 2), ("torch", 1), ("memory", 0), ("memory", 1)]
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "Name a primary colour.",
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[(library, threads)] += run["steps_ms"]
             print({k: v for k, v in run.items() if k != "steps_ms"}, flush=True)
     rows = [{"library": library, "threads": threads, "generations": len(v), "decode_step_p50_ms": statistics.median(v),
-             "decode_step_min_ms": min(v), "decode_step_max_ms": max(v), "steps_ms": v}
+             "decode_step_p50_ci_ms": list(median_ci(v)[1:]), "steps_ms": v}
             for (library, threads), v in runs.items()]
     base = rows[0]["decode_step_p50_ms"]
     lines = [f"# llama.cpp decode after torch / faiss OpenMP work ({datetime.now(timezone.utc).isoformat(timespec='seconds')})",
@@ -122,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
              f"{os.getloadavg()[0]:.2f} at the end; profile {os.path.relpath(args.config, ROOT)}, greedy, "
              f"{MAX_TOKENS} tokens, {len(QUESTIONS)} questions x {ROUNDS - 1} counted rounds per case and pass, "
              f"{args.repeats} passes, one process per case and pass)", "",
-             "| work before decoding | OpenMP threads | decode step P50 ms (min - max) | vs nothing |", "|---|---|---|---|"]
+             "| work before decoding | OpenMP threads | generations | decode step P50 ms [95 % CI] | vs nothing |",
+             "|---|---|---|---|---|"]
     for r in rows:
         threads = "-" if r["library"] == "nothing" else r["threads"] or "OpenMP default"
-        lines.append(f"| {r['library']} | {threads} | {r['decode_step_p50_ms']:.2f} "
-                     f"({r['decode_step_min_ms']:.2f} - {r['decode_step_max_ms']:.2f}) | "
+        lo, hi = r["decode_step_p50_ci_ms"]
+        lines.append(f"| {r['library']} | {threads} | {r['generations']} | {r['decode_step_p50_ms']:.2f} "
+                     f"[{lo:.2f}, {hi:.2f}] | "
                      f"{r['decode_step_p50_ms'] / base:.2f}x |")
     md = "\n".join(lines) + "\n"
     print(md)

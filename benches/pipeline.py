@@ -62,6 +62,7 @@ from ruvllm_lab.embedding import EmbeddingService  # noqa: E402
 from ruvllm_lab.inference import InferencePool  # noqa: E402
 from ruvllm_lab.telemetry import release_free_heap  # noqa: E402
 from ruvllm_lab.errors import Overloaded  # noqa: E402
+from ruvllm_lab.experiments.metrics import median_ci  # noqa: E402
 
 TARGETS = {"p50_ms": 500.0, "p99_ms": 2000.0, "qps": 20.0, "peak_rss_mb": 4096.0}  # seed, edge (4 GB)
 STAGES = ["embed", "retrieve", "route", "attention", "generate", "judge", "writeback", "total"]
@@ -179,7 +180,9 @@ def run_level(llm, queries: list[str], concurrency: int, max_tokens: int) -> dic
         "concurrency": concurrency, "requests": len(rows), "ok": len(ok), "rejected": len(rows) - len(ok),
         "wall_s": wall, "qps": len(ok) / wall,
         "p50_ms": pct(e2e, 50), "p99_ms": pct(e2e, 99), "mean_ms": float(np.mean(e2e)),
+        "p50_ci_ms": list(median_ci(e2e)[1:]),
         "overhead_p50_ms": pct(overhead, 50), "overhead_p99_ms": pct(overhead, 99),
+        "overhead_p50_ci_ms": list(median_ci(overhead)[1:]),
         "overhead_share_p50": pct([o / r["latency_ms"]["total"] for o, r in zip(overhead, ok)], 50),
         "stage_p50_ms": {s: pct([r["latency_ms"].get(s, 0.0) for r in ok], 50) for s in STAGES},
         "mean_completion_tokens": float(np.mean([r["completion_tokens"] for r in ok])),
@@ -227,16 +230,20 @@ def markdown(report: dict) -> str:
              f"{s['n_requests']} distinct workload questions per level after {s['warmup']} warm-up queries; "
              f"memory store pre-filled with {s['memory_nodes']} synthetic nodes (memory.max_nodes = "
              f"{s['memory_max_nodes']}); system.max_concurrent_requests {s['profile_max_concurrent']} -> "
-             f"{s['max_concurrent_requests']}.  P99 of {s['n_requests']} samples is close to the maximum.  Each level "
+             f"{s['max_concurrent_requests']}.  P99 of {s['n_requests']} samples is close to the maximum.  P50s carry a 95 % "
+             f"CI over the level's {s['n_requests']} requests (sign-test order statistics; the requests of a level "
+             "share the machine, so read it as within-run spread); QPS is one wall-clock measurement per level "
+             "and has none: one run's QPS differences are not significant by themselves.  Each level "
              "starts from its own copy of the filled store (one model pool for all levels), so no level sees "
              "the answers an earlier level wrote back.", "",
              "## Latency and throughput (seed edge targets: P50 < 500 ms, P99 < 2 s, 20 QPS)", "",
-             "| clients | ok / rejected | P50 ms | P50 < 500 ms | P99 ms | P99 < 2 s | QPS | QPS >= 20 "
+             "| clients | ok / rejected | P50 ms [95 % CI] | P50 < 500 ms | P99 ms | P99 < 2 s | QPS | QPS >= 20 "
              "| mean tokens (prompt / completion) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["levels"]:
         lines.append(
-            f"| {r['concurrency']} | {r['ok']} / {r['rejected']} | {r['p50_ms']:.0f} | "
+            f"| {r['concurrency']} | {r['ok']} / {r['rejected']} | {r['p50_ms']:.0f} [{r['p50_ci_ms'][0]:.0f}, "
+            f"{r['p50_ci_ms'][1]:.0f}] | "
             f"{verdict(r['p50_ms'], TARGETS['p50_ms'])} | {r['p99_ms']:.0f} | {verdict(r['p99_ms'], TARGETS['p99_ms'])} | "
             f"{r['qps']:.2f} | {verdict(r['qps'], TARGETS['qps'], below=False)} | "
             f"{r['mean_prompt_tokens']:.0f} / {r['mean_completion_tokens']:.1f} |")
@@ -268,11 +275,12 @@ def markdown(report: dict) -> str:
     for row in issue_targets(report):
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"## Orchestration overhead (total - generate), store of ~{s['memory_nodes']} nodes", "",
-              "| clients | overhead P50 ms | overhead P99 ms | share of total (P50) | "
+              "| clients | overhead P50 ms [95 % CI] | overhead P99 ms | share of total (P50) | "
               + " | ".join(f"{st} P50 ms" for st in STAGES) + " |",
               "|---|---|---|---|" + "---|" * len(STAGES)]
     for r in report["levels"]:
-        lines.append(f"| {r['concurrency']} | {r['overhead_p50_ms']:.1f} | {r['overhead_p99_ms']:.1f} | "
+        lines.append(f"| {r['concurrency']} | {r['overhead_p50_ms']:.1f} [{r['overhead_p50_ci_ms'][0]:.1f}, "
+                     f"{r['overhead_p50_ci_ms'][1]:.1f}] | {r['overhead_p99_ms']:.1f} | "
                      f"{100 * r['overhead_share_p50']:.1f} % | "
                      + " | ".join(f"{r['stage_p50_ms'][st]:.1f}" for st in STAGES) + " |")
     lines += ["", "## Memory and start-up", "", "| measure | value | target | result |", "|---|---|---|---|",
@@ -301,9 +309,13 @@ def issue_targets(report: dict) -> list[tuple[str, str, str]]:
                      f"{ratio:.2f}x (raw llama.cpp allows {ceiling:.2f}x for these token counts)",
                      verdict(ratio, 1.5, below=False)))
     if 1 in by:
-        rows.append(("P50 at 1 client <= 300 ms", f"{by[1]['p50_ms']:.0f} ms", verdict(by[1]["p50_ms"], 300.0001)))
+        lo, hi = by[1]["p50_ci_ms"]
+        rows.append(("P50 at 1 client <= 300 ms", f"{by[1]['p50_ms']:.0f} ms [{lo:.0f}, {hi:.0f}]",
+                     verdict(by[1]["p50_ms"], 300.0001)))
         rows.append(("P99 at 1 client <= 1 s", f"{by[1]['p99_ms']:.0f} ms", verdict(by[1]["p99_ms"], 1000.0001)))
-        rows.append(("orchestration overhead P50 <= 8 ms (1 client)", f"{by[1]['overhead_p50_ms']:.1f} ms",
+        lo, hi = by[1]["overhead_p50_ci_ms"]
+        rows.append(("orchestration overhead P50 <= 8 ms (1 client)",
+                     f"{by[1]['overhead_p50_ms']:.1f} ms [{lo:.1f}, {hi:.1f}]",
                      verdict(by[1]["overhead_p50_ms"], 8.0001)))
     if 8 in by:
         rows.append(("pipeline QPS at 8 clients >= 70 % of raw batched decode", f"{100 * by[8]['qps_over_raw']:.0f} %",

@@ -376,3 +376,16 @@ def test_judge_calibration_script_writes_a_table_for_every_signal(tmp_path):
     assert len(result["rows"]) == 4 and all(r["gold"] in (0.0, 1.0) for r in result["rows"])
     assert all(0.0 < r["logprob"] <= 1.0 for r in result["rows"])
     assert "| logprob | 4 |" in (tmp_path / "judge_calibration.md").read_text()
+
+
+def test_median_ci_is_the_sign_test_interval_and_covers_the_median():
+    from ruvllm_lab.experiments.metrics import median_ci
+
+    assert median_ci(list(range(1, 41))) == (20.5, 14.0, 27.0)  # n = 40: order statistics 14 and 27
+    assert median_ci([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)  # too few for 95 %: the range
+    rng = np.random.default_rng(0)  # coverage of the true median of a skewed (log-normal) latency
+    hits = 0
+    for _ in range(400):
+        _, lo, hi = median_ci(rng.lognormal(0.0, 1.0, 40))
+        hits += lo <= 1.0 <= hi
+    assert hits / 400 >= 0.93
