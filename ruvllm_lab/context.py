@@ -241,31 +241,28 @@ class ContextBuilder:
         subgraph = (self.memory.expand(list(seeds), seed_scores=seeds) if seeds else Subgraph.empty(self.dimension))
         return Retrieved(subgraph, {h.node_id for h in corrections}, max(seeds.values(), default=0.0), len(hits))
 
-    def admits(self, query: str, query_vec: np.ndarray, node_id: int, vector: np.ndarray,
-               tenant: str | None) -> tuple[bool, dict[str, Any]]:
-        """The gate of the module docstring, for one candidate; returns (admitted, metadata)."""
-        node = self.memory.get(node_id)
-        meta = node.metadata
-        if not self.visible(meta, tenant) or not trusted(node.kind, meta, node.quality, self.config):
-            return False, meta
-        if node.kind == "correction":
+    def admits(self, query: str, query_vec: np.ndarray, sg: Subgraph, p: int, tenant: str | None) -> bool:
+        """The gate of the module docstring, for the candidate at position `p` of the subgraph."""
+        kind, text, meta, vector = sg.kinds[p], sg.texts[p], sg.metadata[p], sg.vectors[p]
+        if not self.visible(meta, tenant) or not trusted(kind, meta, float(sg.quality[p]), self.config):
+            return False
+        if kind == "correction":
             # Matched by correction_min_score in retrieve(); it must still correct *this* question.
             question = meta.get("question")
-            ok = not (self.config.match_key_terms and question) or key_terms_agree(query, str(question))
-            return ok, meta
+            return not (self.config.match_key_terms and question) or key_terms_agree(query, str(question))
         # An interaction is stored under its question's embedding, a document under its text's.
         if float(vector @ query_vec) < self.config.relevance_threshold:
-            return False, meta
+            return False
         if self.config.match_key_terms:
-            if node.kind == "document":
+            if kind == "document":
                 # A document may name more than the question; the question's terms must be in it.
-                if _numbers(query) and not set(_numbers(query)) <= set(_numbers(node.text)):
-                    return False, meta
-                if not proper_nouns(query) <= _words(node.text):
-                    return False, meta
-            elif not key_terms_agree(query, note_question(node.text, meta)):
-                return False, meta
-        return True, meta
+                if _numbers(query) and not set(_numbers(query)) <= set(_numbers(text)):
+                    return False
+                if not proper_nouns(query) <= _words(text):
+                    return False
+            elif not key_terms_agree(query, note_question(text, meta)):
+                return False
+        return True
 
     def select(self, query: str, query_vec: np.ndarray, retrieved: Retrieved, max_items: int,
                tenant: str | None = None) -> list[Source]:
@@ -281,22 +278,20 @@ class ContextBuilder:
         for node_id, score in ranked:
             if len(chosen) >= c.max_notes:
                 break
-            is_correction = node_id in retrieved.correction_ids
+            p, is_correction = pos[node_id], node_id in retrieved.correction_ids
             if not is_correction and other_notes >= max_items:
                 continue
-            if not is_correction and sg.kinds[pos[node_id]] == "correction":
+            if not is_correction and sg.kinds[p] == "correction":
                 continue  # a correction of some other question, reached by expansion
-            ok, meta = self.admits(query, query_vec, node_id, sg.vectors[pos[node_id]], tenant)
-            if not ok:
+            if not self.admits(query, query_vec, sg, p, tenant):
                 continue
-            text = sg.texts[pos[node_id]]
-            cost = self.count_tokens(text)
+            cost = self.count_tokens(sg.texts[p])
             if used_tokens + cost > c.max_note_tokens:
                 continue
             used_tokens += cost
             other_notes += not is_correction
-            chosen.append(Source(node_id, text, float(score), sg.kinds[pos[node_id]],
-                                 provenance=provenance(sg.kinds[pos[node_id]], meta)))
+            chosen.append(Source(node_id, sg.texts[p], float(score), sg.kinds[p],
+                                 provenance=provenance(sg.kinds[p], sg.metadata[p])))
         if any(s.kind == "correction" for s in chosen):
             # A user's correction of this very question is the answer; older answers to it are
             # what was wrong, and a small model copies whatever it is shown.

@@ -31,6 +31,7 @@ class Subgraph:
     edge_type: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (E,) index into EDGE_TYPES
     edge_age_s: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (E,)
     edge_use_count: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (E,)
+    metadata: list[dict] = field(default_factory=list)  # (N,) node metadata, so the note gate needs no store read
 
     def __len__(self) -> int:
         return len(self.node_ids)

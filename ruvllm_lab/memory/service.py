@@ -420,8 +420,8 @@ class MemoryService:
         now = time.time()
         with self._lock:
             seeds = list(dict.fromkeys(int(i) for i in seed_ids))
-            existing = self.backend.get_many(seeds)
-            seeds = [i for i in seeds if i in existing]
+            nodes = self.backend.get_many(seeds)
+            seeds = [i for i in seeds if i in nodes]
             seeds.sort(key=lambda i: -seed_scores.get(i, 0.0))  # stable: ties keep the caller's order
             selected = seeds[:max_nodes]
             hop_of = {i: 0 for i in selected}
@@ -440,7 +440,7 @@ class MemoryService:
                 frontier = new
             if not selected:
                 return Subgraph.empty(self.dimension)
-            nodes = self.backend.get_many(selected)
+            nodes.update(self.backend.get_many([i for i in selected if i not in nodes]))
             vectors = self.backend.vectors(selected)
             edges = self.backend.edges_full_among(selected)
         pos = {i: p for p, i in enumerate(selected)}
@@ -457,6 +457,7 @@ class MemoryService:
             use_counts=np.asarray([n.use_count for n in ns], np.int64),
             ages_s=np.asarray([max(0.0, now - n.last_active_at) for n in ns], np.float32),
             quality=np.asarray([n.quality for n in ns], np.float32),
+            metadata=[n.metadata for n in ns],
             edge_index=np.asarray([[pos[e.src] for e in edges], [pos[e.dst] for e in edges]], np.int64).reshape(2, -1),
             edge_weight=np.asarray([e.weight for e in edges], np.float32),
             edge_type=np.asarray([type_index[e.type] for e in edges], np.int64),
