@@ -15,12 +15,22 @@ with a full memory store, and peak resident memory, on the edge profile.
   and embedder shared by all levels), so no level inherits the answers an earlier one wrote back
   (they would become notes and lengthen later levels' prompts).  `--warmup` sequential queries
   (model load on the first level, first eviction when the store is at memory.max_nodes), then a
-  ThreadPoolExecutor of that many clients sends `--n-requests` questions from
-  ruvllm_lab.workloads.generate, distinct across levels (a question asked before could find its
-  whole prompt in a slot's KV cache), through
-  `RuvLLM.query_with` with `max_tokens=--max-tokens`.  Latency is measured around the call;
-  QPS is answered requests / wall time of the level.  system.max_concurrent_requests is raised
-  to the largest level (requests it rejects with Overloaded are counted, not retried).
+  ThreadPoolExecutor of that many clients sends max(`--n-requests`, `--requests-per-client` x
+  clients) questions (6 per client by default, so the steady state below holds 2C+ of them) from
+  ruvllm_lab.workloads.generate(distinct=True), none asked twice in the run (a question asked
+  before could find its whole prompt in a slot's KV cache), through `RuvLLM.query_with` with
+  `max_tokens=--max-tokens`.  Latency is measured around the call.  system.max_concurrent_requests
+  is raised to the largest level (requests it rejects with Overloaded are counted, not retried).
+* Throughput: closed-loop clients, so a level starts with every client sending at once and ends
+  with clients running out of work.  QPS is measured in the steady state between the two: with
+  N requests, C clients and completion times t_1 <= ... <= t_N, every client is busy from t_C
+  (each has finished its first request) to t_{N-C} (the last request is handed out), and
+  QPS = (N - 2C) / (t_{N-C} - t_C).  The whole-level rate (answered / wall time, ramps included)
+  is reported beside it.
+* Rounds: the levels run `--rounds` times, interleaved (1, 2, 4, ..., 1, 2, 4, ...), so a slow
+  spell of this shared VM hits every level alike.  QPS per level is the mean over rounds with a
+  Student-t 95 % CI; "QPS falls from C to C'" is judged on the per-round paired differences (a
+  fall counts when its CI lies below zero).  Latencies pool the rounds' requests.
 * Overhead: Response.latency_ms["total"] minus its "generate" stage, i.e. embed, retrieve,
   route, attention, judge and writeback (and the gaps between them).
 * Peak RSS: resource.getrusage(RUSAGE_SELF).ru_maxrss of this process after the run.
@@ -63,11 +73,14 @@ from ruvllm_lab.inference import InferencePool  # noqa: E402
 from ruvllm_lab.telemetry import release_free_heap  # noqa: E402
 from ruvllm_lab.errors import Overloaded  # noqa: E402
 from ruvllm_lab.experiments.metrics import median_ci  # noqa: E402
+from ruvllm_lab.experiments.results import t_interval  # noqa: E402
 
 TARGETS = {"p50_ms": 500.0, "p99_ms": 2000.0, "qps": 20.0, "peak_rss_mb": 4096.0}  # seed, edge (4 GB)
 STAGES = ["embed", "retrieve", "route", "attention", "generate", "judge", "writeback", "total"]
-DEFAULTS = {"memory_nodes": 100_000, "n_requests": 40, "concurrency": "1,2,4,8,16", "max_tokens": 16, "warmup": 3}
-QUICK = {"memory_nodes": 1000, "n_requests": 4, "concurrency": "1,2", "max_tokens": 4, "warmup": 1}
+DEFAULTS = {"memory_nodes": 100_000, "n_requests": 48, "requests_per_client": 6, "concurrency": "1,2,4,8,16",
+            "max_tokens": 16, "warmup": 3, "rounds": 3}
+QUICK = {"memory_nodes": 1000, "n_requests": 4, "requests_per_client": 1, "concurrency": "1,2", "max_tokens": 4,
+         "warmup": 1, "rounds": 1}
 RAW_BATCHES = (1, 2, 4, 8, 16)
 RAW_DECODE_STEPS = 48  # decode steps timed per batch size (after 4 untimed)
 RAW_PREFILL_TOKENS = 256  # prompt tokens per timed prefill
@@ -163,22 +176,44 @@ def run_level(llm, queries: list[str], concurrency: int, max_tokens: int) -> dic
             r = llm.query_with(Request(q, constraints=Constraints(max_tokens=max_tokens)))
         except Overloaded:
             return {"query": q, "rejected": True}
-        return {"query": q, "rejected": False, "e2e_ms": (time.perf_counter() - t0) * 1e3,
+        done = time.perf_counter()
+        return {"query": q, "rejected": False, "e2e_ms": (done - t0) * 1e3, "done_s": done - start,
                 "latency_ms": r.latency_ms, "tier": r.routing_info.get("tier"),
                 "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
                 "prompt_tokens_evaluated": r.usage.prompt_tokens_evaluated}
 
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as ex:
         rows = list(ex.map(one, queries))
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - start
     ok = [r for r in rows if not r["rejected"]]
+    return {"concurrency": concurrency, "requests": len(rows), "ok": len(ok), "rejected": len(rows) - len(ok),
+            "wall_s": wall, "qps_wall": len(ok) / wall, "qps": steady_qps([r["done_s"] for r in ok], concurrency),
+            "requests_detail": rows}
+
+
+def steady_qps(done_s: list[float], clients: int) -> float:
+    """Completions per second while all `clients` were busy: (N - 2C) / (t_{N-C} - t_C) over the
+    sorted completion times (module docstring); the whole-level rate when N <= 2C leaves no window."""
+    t, n = sorted(done_s), len(done_s)
+    if n > 2 * clients and t[n - clients - 1] > t[clients - 1]:
+        return (n - 2 * clients) / (t[n - clients - 1] - t[clients - 1])
+    return n / t[-1] if n else 0.0
+
+
+def summarise_level(rounds: list[dict]) -> dict:
+    """One concurrency level over its rounds: QPS mean and t-interval over rounds, latencies pooled."""
+    ok = [r for rd in rounds for r in rd["requests_detail"] if not r["rejected"]]
     for r in ok:
         r["overhead_ms"] = r["latency_ms"]["total"] - r["latency_ms"]["generate"]
     e2e, overhead = [r["e2e_ms"] for r in ok], [r["overhead_ms"] for r in ok]
+    _, qps, qps_lo, qps_hi = t_interval([rd["qps"] for rd in rounds])
     return {
-        "concurrency": concurrency, "requests": len(rows), "ok": len(ok), "rejected": len(rows) - len(ok),
-        "wall_s": wall, "qps": len(ok) / wall,
+        "concurrency": rounds[0]["concurrency"], "rounds": len(rounds),
+        "requests": sum(rd["requests"] for rd in rounds), "ok": len(ok),
+        "rejected": sum(rd["rejected"] for rd in rounds),
+        "qps": qps, "qps_ci": [qps_lo, qps_hi], "qps_rounds": [rd["qps"] for rd in rounds],
+        "qps_wall": float(np.mean([rd["qps_wall"] for rd in rounds])),
         "p50_ms": pct(e2e, 50), "p99_ms": pct(e2e, 99), "mean_ms": float(np.mean(e2e)),
         "p50_ci_ms": list(median_ci(e2e)[1:]),
         "overhead_p50_ms": pct(overhead, 50), "overhead_p99_ms": pct(overhead, 99),
@@ -189,7 +224,7 @@ def run_level(llm, queries: list[str], concurrency: int, max_tokens: int) -> dic
         "mean_prompt_tokens": float(np.mean([r["prompt_tokens"] for r in ok])),
         "mean_prompt_tokens_evaluated": float(np.mean([r["prompt_tokens_evaluated"] for r in ok])),
         "tiers": sorted({r["tier"] for r in ok}),
-        "requests_detail": rows,
+        "requests_detail": ok,
     }
 
 
@@ -219,6 +254,19 @@ def verdict(value: float, target: float, below: bool = True) -> str:
     return "pass" if (value < target if below else value >= target) else "miss"
 
 
+def interval_verdict(value: float, lo: float, hi: float, target: float) -> str:
+    """'pass' / 'miss' when the 95 % CI lies wholly on one side of `target` (or, with one round and no
+    CI, by the point value), 'inconclusive' when it straddles it."""
+    if np.isnan(lo):
+        return verdict(value, target, below=False)
+    return "pass" if lo >= target else "miss" if hi < target else "inconclusive"
+
+
+def _ci(interval) -> str:
+    lo, hi = interval
+    return "[n/a: 1 round]" if np.isnan(lo) else f"[{lo:.2f}, {hi:.2f}]"
+
+
 def markdown(report: dict) -> str:
     m, s, mem = report["meta"], report["settings"], report["memory"]
     lines = [f"# Pipeline benchmark ({m['date']})", "",
@@ -226,26 +274,30 @@ def markdown(report: dict) -> str:
              f"llama-cpp-python {m['machine']['llama_cpp_python']}, 1-min load average at start "
              f"{m['machine']['load_1m_at_start']:.2f}; commit `{m['git_commit']}`; "
              f"command: `{m['command']}`.", "",
-             f"Profile `{s['config']}` (tier {', '.join(s['tiers'])}), max_tokens={s['max_tokens']}, "
-             f"{s['n_requests']} distinct workload questions per level after {s['warmup']} warm-up queries; "
+             f"Profile `{s['config']}` (tier {', '.join(s['tiers'])}), max_tokens={s['max_tokens']}; each level "
+             f"runs {s['rounds']} times, interleaved with the others, after {s['warmup']} warm-up queries; requests "
+             "per round: " + ", ".join(f"{n} at {c} client{'s' * (int(c) > 1)}" for c, n in s["requests_per_level"].items())
+             + "; every question is distinct in the run; "
              f"memory store pre-filled with {s['memory_nodes']} synthetic nodes (memory.max_nodes = "
              f"{s['memory_max_nodes']}); system.max_concurrent_requests {s['profile_max_concurrent']} -> "
-             f"{s['max_concurrent_requests']}.  P99 of {s['n_requests']} samples is close to the maximum.  P50s carry a 95 % "
-             f"CI over the level's {s['n_requests']} requests (sign-test order statistics; the requests of a level "
-             "share the machine, so read it as within-run spread); QPS is one wall-clock measurement per level "
-             "and has none: one run's QPS differences are not significant by themselves.  Each level "
-             "starts from its own copy of the filled store (one model pool for all levels), so no level sees "
-             "the answers an earlier level wrote back.", "",
+             f"{s['max_concurrent_requests']}.  Each level starts from its own copy of the filled store (one model "
+             "pool for all levels), so no level sees the answers an earlier level wrote back.", "",
+             "QPS is the steady-state rate while every client is busy, (N - 2C) / (t_{N-C} - t_C) over a round's "
+             "completion times, as a mean over rounds with a Student-t 95 % CI (n = rounds: a wide interval "
+             "means this VM's speed drifted between rounds); 'over the level' is answered / wall time with the "
+             "start and end ramps in.  Latencies pool the rounds' requests: P50 with a sign-test 95 % CI, P99 "
+             "(near the maximum when a level has few requests).", "",
              "## Latency and throughput (seed edge targets: P50 < 500 ms, P99 < 2 s, 20 QPS)", "",
-             "| clients | ok / rejected | P50 ms [95 % CI] | P50 < 500 ms | P99 ms | P99 < 2 s | QPS | QPS >= 20 "
-             "| mean tokens (prompt / completion) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| clients | ok / rejected | P50 ms [95 % CI] | P50 < 500 ms | P99 ms | P99 < 2 s "
+             "| QPS [95 % CI] | QPS per round | QPS over the level | QPS >= 20 | mean tokens (prompt / completion) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["levels"]:
         lines.append(
             f"| {r['concurrency']} | {r['ok']} / {r['rejected']} | {r['p50_ms']:.0f} [{r['p50_ci_ms'][0]:.0f}, "
             f"{r['p50_ci_ms'][1]:.0f}] | "
             f"{verdict(r['p50_ms'], TARGETS['p50_ms'])} | {r['p99_ms']:.0f} | {verdict(r['p99_ms'], TARGETS['p99_ms'])} | "
-            f"{r['qps']:.2f} | {verdict(r['qps'], TARGETS['qps'], below=False)} | "
+            f"{r['qps']:.2f} {_ci(r['qps_ci'])} | {', '.join(f'{q:.2f}' for q in r['qps_rounds'])} | "
+            f"{r['qps_wall']:.2f} | {verdict(r['qps'], TARGETS['qps'], below=False)} | "
             f"{r['mean_prompt_tokens']:.0f} / {r['mean_completion_tokens']:.1f} |")
     raw = report["raw_llama_cpp"]
     lines += ["", f"## Against raw batched llama.cpp (same run, {raw['threads']} threads)", "",
@@ -299,15 +351,25 @@ def issue_targets(report: dict) -> list[tuple[str, str, str]]:
     """The 'done when' lines of issue 15 that this run measures: (target, measured, pass/miss)."""
     by = {r["concurrency"]: r for r in report["levels"]}
     rows = []
-    qps = [r["qps"] for r in report["levels"]]
-    rows.append(("QPS never falls as clients are added", " -> ".join(f"{q:.2f}" for q in qps),
-                 "pass" if all(b >= a for a, b in zip(qps, qps[1:])) else "miss"))
+    levels = report["levels"]
+    falls, significant = [], []
+    for a, b in zip(levels, levels[1:]):
+        _, diff, lo, hi = t_interval([qb - qa for qa, qb in zip(a["qps_rounds"], b["qps_rounds"])])
+        if diff < 0:
+            falls.append(f"{a['concurrency']}->{b['concurrency']}: {diff:+.2f} {_ci((lo, hi))}")
+            if hi < 0:
+                significant.append(falls[-1])
+    measured = " -> ".join(f"{r['qps']:.2f}" for r in levels)
+    if falls:
+        measured += "; falls (paired over rounds, 95 % CI): " + "; ".join(falls)
+    rows.append(("QPS never falls as clients are added", measured,
+                 "miss" if significant else "inconclusive" if falls else "pass"))
     if 1 in by and 8 in by:
-        ratio = by[8]["qps"] / by[1]["qps"]
+        _, ratio, lo, hi = t_interval([q8 / q1 for q1, q8 in zip(by[1]["qps_rounds"], by[8]["qps_rounds"])])
         ceiling = by[8]["raw_allowed_qps_reused"] / by[1]["raw_allowed_qps_reused"]
         rows.append(("QPS at 8 clients >= 1.5x QPS at 1",
-                     f"{ratio:.2f}x (raw llama.cpp allows {ceiling:.2f}x for these token counts)",
-                     verdict(ratio, 1.5, below=False)))
+                     f"{ratio:.2f}x {_ci((lo, hi))} (raw llama.cpp allows {ceiling:.2f}x for these token counts)",
+                     interval_verdict(ratio, lo, hi, 1.5)))
     if 1 in by:
         lo, hi = by[1]["p50_ci_ms"]
         rows.append(("P50 at 1 client <= 300 ms", f"{by[1]['p50_ms']:.0f} ms [{lo:.0f}, {hi:.0f}]",
@@ -333,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", help=f"comma-separated client counts (default {DEFAULTS['concurrency']})")
     ap.add_argument("--max-tokens", type=int, help=f"per request (default {DEFAULTS['max_tokens']})")
     ap.add_argument("--warmup", type=int, help=f"sequential queries before measuring (default {DEFAULTS['warmup']})")
+    ap.add_argument("--requests-per-client", type=int,
+                    help=f"a level sends at least this many per client (default {DEFAULTS['requests_per_client']})")
+    ap.add_argument("--rounds", type=int, help=f"times every level is measured, interleaved (default {DEFAULTS['rounds']})")
     ap.add_argument("--quick", action="store_true", help="tiny run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results")
     ap.add_argument("--fill-only", action="store_true", help=argparse.SUPPRESS)  # the child that fills the store
@@ -343,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.warmup < 1:
         ap.error("--warmup must be >= 1 (the first query loads the model)")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
 
     if args.fill_only:
         fill_store(Config.load(args.config, overrides=args.set), args.memory_nodes)
@@ -362,36 +429,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"filled the store with {args.memory_nodes} nodes in {fill_s:.1f} s", flush=True)
 
         cfg = Config.load(args.config, overrides=sets)
-        per_level = args.warmup + args.n_requests
-        questions = [w.query for w in workloads.generate(n=per_level * len(levels), seed=0)]
+        sizes = {c: max(args.n_requests, args.requests_per_client * c) for c in levels}
+        total = args.rounds * sum(args.warmup + n for n in sizes.values())
+        questions = iter([w.query for w in workloads.generate(n=total, seed=0, distinct=True)])
         pool = InferencePool(cfg.inference, cfg.system)
         embedder = EmbeddingService(cfg.embedding, pool=pool)
-        results, open_s, warmup_ms = [], [], []
-        for i, c in enumerate(levels):
-            level_dir = Path(tmp) / f"level-{c}"
-            shutil.copytree(filled, level_dir)
-            level_cfg = cfg.with_overrides({"memory.db_path": str(level_dir / "memory.db"),
-                                            "system.data_dir": str(level_dir / "state")})
-            t0 = time.perf_counter()
-            with RuvLLM(level_cfg, pool=pool, embedder=embedder) as llm:
-                open_s.append(time.perf_counter() - t0)
-                level_questions = questions[i * per_level:(i + 1) * per_level]
-                for q in level_questions[:args.warmup]:
-                    t0 = time.perf_counter()
-                    llm.query_with(Request(q, constraints=Constraints(max_tokens=args.max_tokens)))
-                    warmup_ms.append((time.perf_counter() - t0) * 1e3)
-                results.append(run_level(llm, level_questions[args.warmup:], c, args.max_tokens))
-                r = results[-1]
-                print(f"  {c} clients: P50 {r['p50_ms']:.0f} ms, P99 {r['p99_ms']:.0f} ms, {r['qps']:.2f} QPS, "
-                      f"overhead P50 {r['overhead_p50_ms']:.1f} ms, rejected {r['rejected']}", flush=True)
-                llm.memory.flush()
-                nodes_after, edges_after = llm.memory.count(), llm.memory.stats()["edges"]
-            # hand this level's store and index back before the next opens its copy: the peak RSS below
-            # is then one serving process's, not five stores'
-            del llm
-            gc.collect()
-            release_free_heap()
-            shutil.rmtree(level_dir)
+        by_level: dict[int, list[dict]] = {c: [] for c in levels}
+        open_s, warmup_ms = [], []
+        for round_ in range(args.rounds):
+            for c in levels:
+                level_dir = Path(tmp) / f"level-{c}"
+                shutil.copytree(filled, level_dir)
+                level_cfg = cfg.with_overrides({"memory.db_path": str(level_dir / "memory.db"),
+                                                "system.data_dir": str(level_dir / "state")})
+                t0 = time.perf_counter()
+                with RuvLLM(level_cfg, pool=pool, embedder=embedder) as llm:
+                    open_s.append(time.perf_counter() - t0)
+                    for _ in range(args.warmup):
+                        t0 = time.perf_counter()
+                        llm.query_with(Request(next(questions), constraints=Constraints(max_tokens=args.max_tokens)))
+                        warmup_ms.append((time.perf_counter() - t0) * 1e3)
+                    r = run_level(llm, [next(questions) for _ in range(sizes[c])], c, args.max_tokens)
+                    by_level[c].append(r)
+                    print(f"  round {round_ + 1}/{args.rounds}, {c} clients: {r['qps']:.2f} QPS steady "
+                          f"({r['qps_wall']:.2f} over the level), rejected {r['rejected']}", flush=True)
+                    llm.memory.flush()
+                    nodes_after, edges_after = llm.memory.count(), llm.memory.stats()["edges"]
+                # hand this level's store and index back before the next opens its copy: the peak RSS
+                # below is then one serving process's, not several stores'
+                del llm
+                gc.collect()
+                release_free_heap()
+                shutil.rmtree(level_dir)
+        results = [summarise_level(by_level[c]) for c in levels]
+        for r in results:
+            print(f"  {r['concurrency']} clients: P50 {r['p50_ms']:.0f} ms, P99 {r['p99_ms']:.0f} ms, "
+                  f"{r['qps']:.2f} QPS, overhead P50 {r['overhead_p50_ms']:.1f} ms", flush=True)
         batching = {t: b.batch_stats() for t, b in pool._resident.items() if hasattr(b, "batch_stats")}
         pool.close()
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -411,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"config": os.path.relpath(args.config, ROOT), "overrides": sets, "tiers": cfg.inference.models,
                      "memory_nodes": args.memory_nodes, "memory_max_nodes": cfg.memory.max_nodes,
                      "n_requests": args.n_requests, "concurrency": levels, "max_tokens": args.max_tokens,
-                     "warmup": args.warmup, "max_concurrent_requests": cfg.system.max_concurrent_requests,
+                     "warmup": args.warmup, "rounds": args.rounds, "requests_per_level": sizes,
+                     "max_concurrent_requests": cfg.system.max_concurrent_requests,
                      "profile_max_concurrent": profile.system.max_concurrent_requests,
                      "profile_max_memory_mb": profile.system.max_memory_mb},
         "memory": {"peak_rss_mb": peak_rss_mb, "fill_s": fill_s, "open_s": float(np.median(open_s)),
