@@ -6,7 +6,12 @@ LRU cache off, so every call runs the model), batch throughput (texts/s at ``--b
 The request path embeds one query at a time, so single-query P50 is what the orchestration
 overhead pays.  Writes ``benches/results/embedding.{md,json}``.
 
-    flock /tmp/ruvllm-heavy.lock .venv/bin/python benches/embedding.py [--threads 1 2] [--repeats 3]
+``--int8`` adds the ``onnx-int8`` runtime (the same export, int8 MatMul weights): its latency, its
+vectors against fp32 onnx, and the relevance gate's decisions on every question pair of
+``data/memory_eval.jsonl`` at the edge profile's ``retrieval.relevance_threshold`` (how many pairs
+change side, and the gate's recall and false-positive rate with either runtime's vectors).
+
+    flock /tmp/ruvllm-heavy.lock .venv/bin/python benches/embedding.py [--threads 1 2] [--repeats 3] [--int8]
 """
 from __future__ import annotations
 
@@ -25,9 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ruvllm_lab.config import EmbeddingConfig  # noqa: E402
+from ruvllm_lab.config import Config, EmbeddingConfig  # noqa: E402
 from ruvllm_lab.embedding import EmbeddingService  # noqa: E402
-from ruvllm_lab.relevance import load_memory_eval  # noqa: E402
+from ruvllm_lab.relevance import cosines, gate_scores, load_memory_eval, question_pairs  # noqa: E402
 
 RUNTIMES = ("onnx", "torch")
 
@@ -67,6 +72,27 @@ def measure(runtime: str, threads: int, texts: list[str], batch: int, repeats: i
     return row, vecs
 
 
+def int8_comparison(texts: list[str], threads: int) -> dict:
+    """embedding.runtime 'onnx-int8' against 'onnx' (fp32): vectors, and the relevance gate's decisions."""
+    def one_by_one(runtime: str):  # int8 scales activations per call: a query is embedded alone when served
+        svc = EmbeddingService(EmbeddingConfig(runtime=runtime, threads=threads, cache_size=0))
+        return lambda batch: np.stack([svc.embed_one(t) for t in batch])
+
+    fp32, int8 = one_by_one("onnx"), one_by_one("onnx-int8")
+    a, b = fp32(texts), int8(texts)
+    pairs = question_pairs(load_memory_eval())
+    retrieval = Config.load(ROOT / "configs" / "edge.toml").retrieval
+    cos_fp32, cos_int8 = cosines(fp32, pairs), cosines(int8, pairs)
+    threshold = retrieval.relevance_threshold
+    flips = (cos_fp32 >= threshold) != (cos_int8 >= threshold)
+    return {"threads": threads, "cosine_vs_fp32_min": float(np.sum(a * b, axis=1).min()),
+            "cosine_vs_fp32_median": float(np.median(np.sum(a * b, axis=1))),
+            "pair_cosine_max_abs_change": float(np.abs(cos_fp32 - cos_int8).max()),
+            "relevance_threshold": threshold, "pairs": int(len(flips)), "pairs_changing_side": int(flips.sum()),
+            "gate_fp32": gate_scores(cos_fp32, pairs, threshold, retrieval.match_key_terms),
+            "gate_int8": gate_scores(cos_int8, pairs, threshold, retrieval.match_key_terms)}
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -92,6 +118,18 @@ def render(report: dict) -> str:
     for t, s in report["speedup_p50"].items():
         lines.append("")
         lines.append(f"Single-query P50 speed-up of onnx over torch at {t} thread(s): {s:.2f}x.")
+    q = report.get("int8")
+    if q:
+        lines += ["", f"## onnx-int8 against onnx (fp32), {q['threads']} thread(s)", "",
+                  "The onnx-int8 row's 'vs torch' columns measure quantisation error, not a defect.  "
+                  f"Cosine to the fp32 vector of the same text: min {q['cosine_vs_fp32_min']:.4f}, median "
+                  f"{q['cosine_vs_fp32_median']:.4f}; largest change of a question pair's cosine "
+                  f"{q['pair_cosine_max_abs_change']:.4f}.  At relevance_threshold {q['relevance_threshold']}, "
+                  f"{q['pairs_changing_side']} of {q['pairs']} memory-eval question pairs change side.", "",
+                  "| vectors | gate recall | gate false-positive rate | precision |", "|---|---|---|---|"]
+        for name in ("fp32", "int8"):
+            g = q[f"gate_{name}"]
+            lines.append(f"| {name} | {g['recall']:.4f} | {g['false_positive_rate']:.5f} | {g['precision']:.4f} |")
     lines += ["", "One run on a machine shared with other jobs: latencies are indicative; the vector "
               "difference is exact."]
     return "\n".join(lines) + "\n"
@@ -103,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="passes over the query set for the latency samples")
     ap.add_argument("--batch", type=int, default=32, help="texts per backend call in the throughput run")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N texts (0 = all)")
+    ap.add_argument("--int8", action="store_true", help="also measure a dynamic int8 quantisation (docstring)")
     ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
     args = ap.parse_args(argv)
     texts = real_queries()
@@ -111,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = [round(x, 2) for x in os.getloadavg()]
     rows, vectors = [], {}
     for threads in args.threads:
-        for runtime in RUNTIMES:
+        for runtime in RUNTIMES + (("onnx-int8",) if args.int8 else ()):
             row, vecs = measure(runtime, threads, texts, args.batch, args.repeats)
             rows.append(row)
             vectors[(runtime, threads)] = vecs
@@ -132,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
                        "command": "python benches/embedding.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                        "loadavg_before": load_before, "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
               "n_texts": len(texts), "repeats": args.repeats, "rows": rows, "speedup_p50": speedup}
+    if args.int8:
+        report["int8"] = int8_comparison(texts, args.threads[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "embedding.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from ruvllm_lab import Config  # noqa: E402
 from ruvllm_lab.context import ContextBuilder, provenance  # noqa: E402
-from ruvllm_lab.experiments.memory_ablation import correct_any, mean_ci  # noqa: E402
+from ruvllm_lab.experiments.memory_ablation import correct_any  # noqa: E402
+from ruvllm_lab.experiments.results import t_interval  # noqa: E402
 from ruvllm_lab.inference import InferencePool  # noqa: E402
 from ruvllm_lab.relevance import MEMORY_EVAL_PATH, load_memory_eval  # noqa: E402
 from ruvllm_lab.types import Source  # noqa: E402
@@ -72,7 +73,7 @@ def run(config: Config, tiers: list[str], max_tokens: int) -> dict:
         pool.close()
     table = []
     for (tier, name), hits in results.items():
-        m, lo, hi = mean_ci(hits)
+        _, m, lo, hi = t_interval(hits)
         table.append({"tier": tier, "layout": name, "correct": int(sum(hits)), "n": len(hits), "accuracy": m,
                       "ci_low": lo, "ci_high": hi})
     return {"tiers": tiers, "note_tier": large, "calib_questions": len(rows), "verified_notes": len(verified),

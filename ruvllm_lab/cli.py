@@ -150,7 +150,8 @@ def cmd_calibrate_relevance(args) -> int:
     finally:
         if pool is not None:
             pool.close()
-    model = cfg.embedding.model + (f"-{cfg.embedding.encoder_tier}" if cfg.embedding.model == "llm-encoder" else "")
+    model = cfg.embedding.model + (f"-{cfg.embedding.encoder_tier}" if cfg.embedding.model == "llm-encoder" else
+                                   "-int8" if cfg.embedding.runtime == "onnx-int8" else "")
     out = Path(args.out_dir) / f"{model}-{cfg.embedding.dimension}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"embedding": model, "dimension": cfg.embedding.dimension, **result}, indent=2) + "\n")

