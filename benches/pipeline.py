@@ -27,8 +27,9 @@ with a full memory store, and peak resident memory, on the edge profile.
   (each has finished its first request) to t_{N-C} (the last request is handed out), and
   QPS = (N - 2C) / (t_{N-C} - t_C).  The whole-level rate (answered / wall time, ramps included)
   is reported beside it.
-* Rounds: the levels run `--rounds` times, interleaved (1, 2, 4, ..., 1, 2, 4, ...), so a slow
-  spell of this shared VM hits every level alike.  QPS per level is the mean over rounds with a
+* Rounds: the levels run `--rounds` times, interleaved, every other round in reverse order (1, 2,
+  ..., 16, 16, ..., 2, 1, 1, 2, ...), so a slow spell or a drift of this shared VM hits every level
+  alike.  QPS per level is the mean over rounds with a
   Student-t 95 % CI; "QPS falls from C to C'" is judged on the per-round paired differences (a
   fall counts when its CI lies below zero).  Latencies pool the rounds' requests.
 * Overhead: Response.latency_ms["total"] minus its "generate" stage, i.e. embed, retrieve,
@@ -305,7 +306,8 @@ def markdown(report: dict) -> str:
              f"{m['machine']['load_1m_at_start']:.2f}; commit `{m['git_commit']}`; "
              f"command: `{m['command']}`.", "",
              f"Profile `{s['config']}` (tier {', '.join(s['tiers'])}), max_tokens={s['max_tokens']}; each level "
-             f"runs {s['rounds']} times, interleaved with the others, after {s['warmup']} warm-up queries; requests "
+             f"runs {s['rounds']} times, interleaved with the others (every other round in reverse order), after "
+             f"{s['warmup']} warm-up queries; requests "
              "per round: " + ", ".join(f"{n} at {c} client{'s' * (int(c) > 1)}" for c, n in s["requests_per_level"].items())
              + "; every question is distinct in the run; "
              f"memory store pre-filled with {s['memory_nodes']} synthetic nodes (memory.max_nodes = "
@@ -481,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         by_level: dict[int, list[dict]] = {c: [] for c in levels}
         open_s, warmup_ms, raw_rounds = [], [], []
         for round_ in range(args.rounds):
-            for c in levels:
+            # odd rounds run the levels backwards, so a drift of the VM's speed within a round does not
+            # favour the levels that come first
+            for c in (levels if round_ % 2 == 0 else levels[::-1]):
                 level_dir = Path(tmp) / f"level-{c}"
                 shutil.copytree(filled, level_dir)
                 level_cfg = cfg.with_overrides({"memory.db_path": str(level_dir / "memory.db"),
