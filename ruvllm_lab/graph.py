@@ -25,7 +25,7 @@ class Subgraph:
     hops: np.ndarray  # (N,) int, 0 for search hits
     use_counts: np.ndarray  # (N,) int
     ages_s: np.ndarray  # (N,) seconds since last use
-    quality: np.ndarray  # (N,) float in [0, 1]
+    quality: np.ndarray  # (N,) float in [0, 1]; float64 from MemoryService.expand, as stored
     edge_index: np.ndarray = field(default_factory=lambda: np.zeros((2, 0), np.int64))  # (2, E) positions
     edge_weight: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (E,) in [0, 1]
     edge_type: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (E,) index into EDGE_TYPES

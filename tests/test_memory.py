@@ -582,3 +582,17 @@ def test_index_searches_and_adds_run_with_the_configured_openmp_threads():
     worker.start()
     worker.join()
     assert seen == {"after_add": 1, "after_search": 1}
+
+
+def test_expanded_quality_is_the_stored_value_so_the_note_gate_compares_it_exactly(mem):
+    """0.7 is not a float32: the gate must see the stored 0.7, not 0.69999999, against min_note_quality."""
+    from ruvllm_lab.config import Config
+    from ruvllm_lab.context import ContextBuilder
+
+    meta = {"verification": "rated", "question": "What is the capital of Greece?"}
+    node = mem.add("Q: What is the capital of Greece?\nA: Athens", metadata=meta, vector=basis(0), quality=0.7)
+    sg = mem.expand([node])
+    assert float(sg.quality[0]) == 0.7 and sg.metadata[0] == meta
+    cfg = Config.from_dict({"retrieval": {"min_note_quality": 0.7}})
+    builder = ContextBuilder(cfg.retrieval, cfg.prompt, mem, attention=None, count_tokens=len, dimension=DIM)
+    assert builder.admits("What is the capital of Greece?", basis(0), sg, 0, tenant=None)

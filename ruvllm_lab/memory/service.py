@@ -456,7 +456,7 @@ class MemoryService:
             hops=np.asarray([hop_of[i] for i in selected], np.int64),
             use_counts=np.asarray([n.use_count for n in ns], np.int64),
             ages_s=np.asarray([max(0.0, now - n.last_active_at) for n in ns], np.float32),
-            quality=np.asarray([n.quality for n in ns], np.float32),
+            quality=np.asarray([n.quality for n in ns], np.float64),  # exact: the note gate compares it
             metadata=[n.metadata for n in ns],
             edge_index=np.asarray([[pos[e.src] for e in edges], [pos[e.dst] for e in edges]], np.int64).reshape(2, -1),
             edge_weight=np.asarray([e.weight for e in edges], np.float32),
