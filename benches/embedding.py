@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from ruvllm_lab.config import Config, EmbeddingConfig  # noqa: E402
 from ruvllm_lab.embedding import EmbeddingService  # noqa: E402
+from ruvllm_lab.experiments.metrics import median_ci  # noqa: E402
 from ruvllm_lab.relevance import cosines, gate_scores, load_memory_eval, question_pairs  # noqa: E402
 
 RUNTIMES = ("onnx", "torch")
@@ -66,6 +67,7 @@ def measure(runtime: str, threads: int, texts: list[str], batch: int, repeats: i
     batch_s = time.perf_counter() - s
     row = {"runtime": runtime, "threads": threads, "load_s": round(load_s, 3), "n_single": len(single),
            "single_p50_ms": round(float(np.percentile(ms, 50)), 3),
+           "single_p50_ci_ms": [round(x, 3) for x in median_ci(ms)[1:]],
            "single_p99_ms": round(float(np.percentile(ms, 99)), 3),
            "single_mean_ms": round(float(ms.mean()), 3),
            "batch": batch, "batch_texts_per_s": round(len(texts) / batch_s, 1)}
@@ -108,11 +110,12 @@ def render(report: dict) -> str:
              f"load average before/after {m['loadavg_before']} / {m['loadavg_after']}; "
              f"{report['n_texts']} distinct real questions x {report['repeats']} repeats, cache off.", "",
              f"`{m['command']}`", "",
-             "| runtime | threads | single P50 ms | single P99 ms | mean ms | batch | texts/s (batched) | load s | "
+             "| runtime | threads | single P50 ms [95 % CI] | single P99 ms | mean ms | batch | texts/s (batched) | load s | "
              "max abs diff vs torch | min cosine vs torch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['runtime']} | {r['threads']} | {r['single_p50_ms']} | {r['single_p99_ms']} | "
+        lo, hi = r["single_p50_ci_ms"]
+        lines.append(f"| {r['runtime']} | {r['threads']} | {r['single_p50_ms']} [{lo}, {hi}] | {r['single_p99_ms']} | "
                      f"{r['single_mean_ms']} | {r['batch']} | {r['batch_texts_per_s']} | {r['load_s']} | "
                      f"{r['max_abs_diff_vs_torch']:.2e} | {r['min_cosine_vs_torch']:.7f} |")
     for t, s in report["speedup_p50"].items():

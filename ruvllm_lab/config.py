@@ -79,7 +79,7 @@ class EmbeddingConfig:
                       doc="MiniLM runtime: 'onnx' = the same weights exported once to ONNX and run by onnxruntime with "
                           "the fast tokenizer (equal vectors, ~2.6x faster per query on 1 thread; benches/embedding.py), "
                           "'onnx-int8' = that export with int8 MatMul weights (onnxruntime dynamic quantisation: "
-                          "~2.4x faster again, vectors within cosine 0.99 of fp32, its own relevance calibration), "
+                          "~2x faster again, vectors within cosine 0.99 of fp32, its own relevance calibration), "
                           "'torch' = sentence-transformers")
 
 
